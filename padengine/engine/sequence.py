@@ -1,0 +1,112 @@
+"""A request and its token streams.
+
+A request owns one base stream and, when it is guided, one reward stream; each stream is a token list
+with a block table in its model's KV pool. Both streams receive every chosen token, so they advance,
+are preempted and are freed together.
+"""
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from padengine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """One token stream (prompt + generated tokens) in the KV pool `pool`."""
+
+    def __init__(self, token_ids: list[int], pool: int):
+        self.token_ids = list(token_ids)
+        self.pool = pool
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last allocation
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache (base stream)
+    num_preemptions: int = 0
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        if self.finished_time is None or self.num_generated_tokens < 2:
+            return None
+        return (self.finished_time - self.first_token_time) / (self.num_generated_tokens - 1)
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float]
+    metrics: RequestMetrics
+    reward_prompt_token_ids: list[int] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: int
+    params: SamplingParams
+    seed: int
+    stop_ids: set[int]                   # end-of-sequence ids (unless ignore_eos) and stop_token_ids
+    streams: list[Sequence]              # base first, then the reward stream if the request is guided
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
+
+    @property
+    def base(self) -> Sequence:
+        return self.streams[0]
+
+    @property
+    def reward(self) -> Sequence | None:
+        return self.streams[1] if len(self.streams) > 1 else None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def append(self, token: int, logprob: float) -> None:
+        """Add the chosen token to every stream; finish on a stop token or at max_tokens."""
+        now = time.perf_counter()
+        if not self.output_ids:
+            self.metrics.first_token_time = now
+        for s in self.streams:
+            s.token_ids.append(token)
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        self.metrics.num_generated_tokens = len(self.output_ids)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.status = Status.FINISHED
+            self.metrics.finished_time = now

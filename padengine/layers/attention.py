@@ -1,0 +1,79 @@
+"""Attention over the paged KV cache (torch reference backend, runs on CPU and CUDA).
+
+The cache of one layer is K and V of shape [num_blocks, block_size, kv_heads, head_dim]. A step's tokens
+are flattened over all sequences; `AttnBatch` says where each token's K/V goes (slot_mapping) and which
+blocks each sequence reads (block_tables). New K/V are written before attention reads, so sequences in
+one batch that share prefix-cached blocks see each other's freshly written entries.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnBatch:
+    is_prefill: bool
+    slot_mapping: torch.Tensor      # [T] flat cache slot of every new token
+    block_tables: torch.Tensor      # [B, max_blocks] (padded with 0; padding is masked)
+    context_lens: torch.Tensor      # [B] tokens in the cache after this step
+    query_lens: list[int]           # per sequence, tokens computed this step (prefill)
+    context_lens_cpu: list[int]     # host copy, to slice without a device sync
+    window: int | None = None       # sliding-window size, None for full attention
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping):
+    """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """K or V of one or more sequences as contiguous [..., kv_heads, length, head_dim]."""
+    x = cache[block_table]                                  # [..., blocks, block_size, kvh, hd]
+    x = x.flatten(-4, -3)[..., :length, :, :]               # [..., tokens, kvh, hd]
+    return x.transpose(-3, -2)
+
+
+def paged_attention(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    """q: [T, heads, head_dim] for the new tokens; returns [T, heads, head_dim]."""
+    if batch.is_prefill:
+        return _prefill(q, k_cache, v_cache, batch, scale)
+    return _decode(q, k_cache, v_cache, batch, scale)
+
+
+def _decode(q, k_cache, v_cache, batch, scale):
+    max_len = max(batch.context_lens_cpu)
+    k = gather_kv(k_cache, batch.block_tables, max_len)     # [B, kvh, S, hd]
+    v = gather_kv(v_cache, batch.block_tables, max_len)
+    mask = _mask(batch.context_lens - 1, torch.arange(max_len, device=q.device), batch.window)  # [B, S]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def _prefill(q, k_cache, v_cache, batch, scale):
+    outs, start = [], 0
+    for i, (n_q, n_kv) in enumerate(zip(batch.query_lens, batch.context_lens_cpu)):
+        qi = q[start:start + n_q].transpose(0, 1).unsqueeze(0)       # [1, heads, n_q, hd]
+        k = gather_kv(k_cache, batch.block_tables[i], n_kv).unsqueeze(0)
+        v = gather_kv(v_cache, batch.block_tables[i], n_kv).unsqueeze(0)
+        if n_q == n_kv and batch.window is None:
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(n_kv - n_q, n_kv, device=q.device)
+            kv_pos = torch.arange(n_kv, device=q.device)
+            mask = _mask(q_pos, kv_pos, batch.window)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(o.squeeze(0).transpose(0, 1))
+        start += n_q
+    return torch.cat(outs)
+
+
+def _mask(q_pos, kv_pos, window):
+    """Boolean mask [..., q, kv]: causal (which also hides padding past a sequence's end) and windowed."""
+    q_pos = q_pos[..., None]
+    mask = kv_pos <= q_pos
+    if window is not None:
+        mask = mask & (kv_pos > q_pos - window)
+    return mask

@@ -1,0 +1,61 @@
+"""The PAD sampler: choose each request's next token from base and reward logits.
+
+    score(c) = z_b[c] + w * (log_softmax_C(z_r)[c] - log_softmax_C(z_b)[c])   for c in C = top-k of z_b
+
+Temperature 0 takes the highest score; T > 0 draws from softmax(score / T) by the Gumbel-max trick with
+noise hashed from (seed, position, token id), so a draw depends only on the request's own seed and the
+position of the token, never on the rest of the batch, and replays identically after preemption.
+`pad_sample` is the torch implementation; the fused Triton kernel has the same signature and noise.
+"""
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding unsigned 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise [N, K] for token_ids [N, K], keyed by per-row seed and position [N]."""
+    key = _mix32((seed.long() & MASK32) ^ _mix32((seed.long() >> 32) & MASK32))
+    key = _mix32((key + position.long()) & MASK32)
+    h = _mix32((key[:, None] ^ token_ids.long()) & MASK32)
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))            # uniform in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def pad_scores(base_logits, reward_logits, top_k, weight):
+    """Candidate ids [N, K] (base top-k, K = the largest k of the batch) and their PAD scores
+    (-inf past a row's own k)."""
+    vocab = base_logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    kmax = int(k.max())
+    zb, cand = base_logits.float().topk(kmax, dim=-1)
+    invalid = torch.arange(kmax, device=zb.device)[None, :] >= k[:, None]
+    zb = zb.masked_fill(invalid, float("-inf"))
+    if reward_logits is None:
+        return cand, zb
+    zr = reward_logits.float().gather(1, cand).masked_fill(invalid, float("-inf"))
+    shift = torch.log_softmax(zr, dim=-1) - torch.log_softmax(zb, dim=-1)
+    score = zb + weight.float()[:, None] * shift.masked_fill(invalid, 0.0)
+    return cand, score.masked_fill(invalid, float("-inf"))
+
+
+def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position):
+    """Pick one token per row. Every argument after reward_logits is a per-row tensor [N].
+    reward_logits may be None (plain top-k decoding) and may be wider than the base vocabulary.
+    Returns (token_ids [N] int64, logprobs [N] float32: log softmax(score / T) of the choice, T=1 if 0)."""
+    cand, score = pad_scores(base_logits, reward_logits, top_k, weight)
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
+    scaled = score / temp
+    noisy = scaled + gumbel_noise(seed, position, cand)
+    pick = torch.where(greedy, scaled.argmax(-1), noisy.argmax(-1))
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(1, pick[:, None]).squeeze(1)
+    return cand.gather(1, pick[:, None]).squeeze(1), logprobs

@@ -1,0 +1,42 @@
+"""Shared test helpers: random request batches and the transformers reference run over them."""
+import random
+
+from benchmarks.baselines.hf_pad import HFPad
+from padengine import SamplingParams
+
+EOS = {1}
+
+
+def random_batch(vocab: int, n: int = 18, seed: int = 0, shared_prefix: int = 0):
+    """Token-id prompts of mixed lengths; reward prompts differ from base prompts (a preference-like
+    preamble); weights cycle over {0, 0.5, 1.5} and top_k over {1, 10, 0}."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(4, vocab) for _ in range(shared_prefix)]
+    preamble = [rng.randrange(4, vocab) for _ in range(9)]
+    base, reward, params = [], [], []
+    for i in range(n):
+        prompt = prefix + [rng.randrange(4, vocab) for _ in range(rng.randrange(1, 40))]
+        base.append(prompt)
+        reward.append(preamble + prompt if i % 3 else prompt)
+        params.append(SamplingParams(max_tokens=rng.randrange(4, 20), top_k=(1, 10, 0)[i % 3],
+                                     weight=(0.0, 0.5, 1.5)[(i // 3) % 3], ignore_eos=bool(i % 2)))
+    return base, reward, params
+
+
+def reference(base_path, reward_path, base, reward, params):
+    ref = HFPad(base_path, reward_path)
+    return [ref.generate(b, r, p.max_tokens, p.top_k, p.weight, set() if p.ignore_eos else EOS)
+            for b, r, p in zip(base, reward, params)]
+
+
+def add_stop_tokens(params, expected, every: int = 4):
+    """Give every `every`-th request a stop token taken from the middle of its reference output, and
+    return the expectations cut after the first occurrence (greedy output before a stop is unchanged)."""
+    cut = []
+    for i, (p, out) in enumerate(zip(params, expected)):
+        if i % every == 1 and len(out) > 2:
+            stop = out[len(out) // 2]
+            p.stop_token_ids = [stop]
+            out = out[:out.index(stop) + 1]
+        cut.append(out)
+    return cut

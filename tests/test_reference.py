@@ -1,0 +1,77 @@
+"""The engine's float32 greedy output equals a transformers implementation of PAD, token for token."""
+import pytest
+
+from padengine import Engine, SamplingParams
+from padengine.prompts import user_message
+from tests.helpers import add_stop_tokens, random_batch, reference
+
+
+def run(engine, base, reward, params):
+    outs = engine.generate(prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)
+    return outs, [o.token_ids for o in outs]
+
+
+def test_batch_matches_reference(llama, persrm, tokenizer):
+    base, reward, params = random_batch(len(tokenizer), n=18)
+    expected = add_stop_tokens(params, reference(llama, persrm, base, reward, params))
+    engine = Engine(llama, persrm, block_size=4)
+    outs, got = run(engine, base, reward, params)
+    assert got == expected
+    assert {o.finish_reason for o in outs} == {"stop", "length"}
+    assert all(o.prompt_token_ids == b for o, b in zip(outs, base))
+
+
+def test_preemption_matches_reference(llama, persrm, tokenizer):
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=1)
+    engine = Engine(llama, persrm, block_size=4, num_kv_blocks=40)
+    outs, got = run(engine, base, reward, params)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    assert got == reference(llama, persrm, base, reward, params)
+    assert all(p.num_used == 0 for p in engine.runner.pools)
+
+
+def test_prefix_cache_matches_reference(llama, persrm, tokenizer):
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=2, shared_prefix=20)
+    engine = Engine(llama, persrm, block_size=4)
+    expected = reference(llama, persrm, base, reward, params)
+    outs, got = run(engine, base, reward, params)
+    assert got == expected
+    assert sum(o.metrics.num_cached_tokens for o in outs) >= 15 * 20 // 4 * 4
+    outs, again = run(engine, base, reward, params)     # finished requests' blocks serve the repeat
+    assert again == expected
+    assert all(o.metrics.num_cached_tokens >= 16 for o in outs)
+
+
+@pytest.mark.parametrize("fixture", ["qwen2", "mistral"])
+def test_self_guided_shares_one_model(fixture, request, tokenizer):
+    path = request.getfixturevalue(fixture)
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=3)
+    engine = Engine(path, path, block_size=8)
+    assert len(engine.runner.models) == 1 and len(engine.runner.pools) == 1
+    _, got = run(engine, base, reward, params)
+    assert got == reference(path, path, base, reward, params)
+
+
+def test_base_alone_matches_reference(mistral, tokenizer):
+    base, _, params = random_batch(len(tokenizer), n=16, seed=4)
+    engine = Engine(mistral, block_size=16)
+    _, got = run(engine, base, None, params)
+    assert got == reference(mistral, None, base, base, params)
+
+
+@pytest.mark.parametrize("in_base", [True, False])
+def test_text_prompts_with_preferences(llama, persrm, tokenizer, in_base):
+    prompts = ["write a short poem about the sea", "explain how a computer works", "the quick brown fox"]
+    prefs = ["be concise", None, "answer in french"]
+    params = SamplingParams(max_tokens=12, weight=1.5, preference_in_base=in_base)
+    engine = Engine(llama, persrm, block_size=4)
+    outs = engine.generate(prompts, params, preferences=prefs)
+    render = lambda p, pref: tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_message(p, pref)}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)
+    base = [render(p, pref if in_base else None) for p, pref in zip(prompts, prefs)]
+    reward = [render(p, pref) for p, pref in zip(prompts, prefs)]
+    assert "[Principles] be concise [Instruction] write" in tokenizer.decode(reward[0])
+    assert [o.prompt_token_ids for o in outs] == base
+    assert [o.token_ids for o in outs] == reference(llama, persrm, base, reward, [params] * 3)
+    assert all(o.text == tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs)
