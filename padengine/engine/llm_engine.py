@@ -81,7 +81,7 @@ class Engine:
         """Validate the whole batch and build its requests; raises InvalidInput before any work."""
         require(prompts is None or prompt_token_ids is None, "prompt_token_ids", "give prompts or token ids, not both")
         items = prompts if prompts is not None else prompt_token_ids
-        field = "prompts" if prompts is not None else "prompt_token_ids"
+        field = "prompt_token_ids" if prompt_token_ids is not None else "prompts"
         require(isinstance(items, list) and len(items) > 0, field, "no prompts given")
         n = len(items)
         params_list = _per_request(params if params is not None else SamplingParams(), SamplingParams, n, "params")

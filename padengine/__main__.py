@@ -1,0 +1,5 @@
+import sys
+
+from padengine.cli import main
+
+sys.exit(main())

