@@ -38,6 +38,7 @@ def copy_model(src, tmp_path, name="model"):
     (dict(prompts=["a", "b"], params=[SamplingParams(), SamplingParams(max_tokens=-3)]), "params[1].max_tokens"),
     (dict(prompts=["a", "b"], params=[SamplingParams()]), "params"),
     (dict(prompts=["a", "b"], preferences=["x"]), "preferences"),
+    (dict(prompt_token_ids=[[5, 6]], preferences="be brief"), "preferences"),
     (dict(prompts=["a"], params=SamplingParams(stop_token_ids=[10**6])), "params.stop_token_ids"),
     (dict(prompt_token_ids=[[5, -1]]), "prompt_token_ids[0]"),
     (dict(prompt_token_ids=[[5, 300]]), "prompt_token_ids[0]"),

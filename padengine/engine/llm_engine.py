@@ -85,6 +85,8 @@ class Engine:
         require(isinstance(items, list) and len(items) > 0, field, "no prompts given")
         n = len(items)
         params_list = _per_request(params if params is not None else SamplingParams(), SamplingParams, n, "params")
+        require(preferences is None or prompts is not None, "preferences",
+                "apply to text prompts; with token ids, put the preference in reward_prompt_token_ids")
         prefs = _per_request(preferences, str, n, "preferences")
         if reward_prompt_token_ids is not None:
             require(prompt_token_ids is not None, "reward_prompt_token_ids", "needs prompt_token_ids")
