@@ -59,9 +59,9 @@ def main() -> None:
               "engine_tokens_per_s": total / engine_s, "engine_s": engine_s}
     if not args.skip_baseline:
         ref = HFPad(base_path, reward_path, dtype=engine.config.torch_dtype, device=args.device)
-        ref.generate(base_ids[0], reward_ids[0], 4, args.top_k, args.weight)                 # warm-up
+        ref.generate(base_ids[0], [(reward_ids[0], args.weight)], 4, args.top_k)              # warm-up
         t = time.perf_counter()
-        ref_out = [ref.generate(b, r, args.max_tokens, args.top_k, args.weight)
+        ref_out = [ref.generate(b, [(r, args.weight)], args.max_tokens, args.top_k)
                    for b, r in tqdm(list(zip(base_ids, reward_ids)), desc="transformers PAD")]
         base_s = time.perf_counter() - t
         result.update(baseline_tokens_per_s=total / base_s, baseline_s=base_s, speedup=base_s / engine_s,

@@ -1,4 +1,5 @@
-"""The error raised for bad user input: a ValueError that names the offending field."""
+"""The error raised for bad user input: a ValueError that names the offending field, and its checks."""
+import math
 
 
 class InvalidInput(ValueError):
@@ -12,3 +13,12 @@ class InvalidInput(ValueError):
 def require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise InvalidInput(field, message)
+
+
+def require_int(value, field: str) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool), field, f"must be an integer, got {value!r}")
+
+
+def require_finite(value, field: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(ok, field, f"must be a finite number, got {value!r}")

@@ -1,8 +1,7 @@
 """Per-request decoding settings and their validation."""
-import math
 from dataclasses import dataclass
 
-from padengine.errors import require
+from padengine.errors import require, require_finite, require_int
 
 
 @dataclass
@@ -18,28 +17,20 @@ class SamplingParams:
 
     def validate(self, field: str, vocab_size: int) -> None:
         """Raise InvalidInput naming `field`.<attribute> for any value out of range."""
-        _int(self.max_tokens, f"{field}.max_tokens")
+        require_int(self.max_tokens, f"{field}.max_tokens")
         require(self.max_tokens >= 1, f"{field}.max_tokens", f"must be at least 1, got {self.max_tokens}")
-        _int(self.top_k, f"{field}.top_k")
+        require_int(self.top_k, f"{field}.top_k")
         require(self.top_k >= 0, f"{field}.top_k", f"must be >= 0 (0 = whole vocabulary), got {self.top_k}")
-        _number(self.temperature, f"{field}.temperature")
+        require_finite(self.temperature, f"{field}.temperature")
         require(self.temperature >= 0, f"{field}.temperature", f"must be >= 0, got {self.temperature}")
-        _number(self.weight, f"{field}.weight")
+        require_finite(self.weight, f"{field}.weight")
         if self.seed is not None:
-            _int(self.seed, f"{field}.seed")
+            require_int(self.seed, f"{field}.seed")
         for t in self.stop_token_ids or []:
-            _int(t, f"{field}.stop_token_ids")
+            require_int(t, f"{field}.stop_token_ids")
             require(0 <= t < vocab_size, f"{field}.stop_token_ids", f"token id {t} is outside [0, {vocab_size})")
 
     @property
     def guided(self) -> bool:
         return self.weight != 0
 
-
-def _int(value, field: str) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool), field, f"must be an integer, got {value!r}")
-
-
-def _number(value, field: str) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    require(ok, field, f"must be a finite number, got {value!r}")

@@ -1,4 +1,6 @@
 """The engine's float32 greedy output equals a transformers implementation of PAD, token for token."""
+import random
+
 import pytest
 
 from padengine import Engine, SamplingParams
@@ -75,3 +77,51 @@ def test_text_prompts_with_preferences(llama, persrm, tokenizer, in_base):
     assert [o.prompt_token_ids for o in outs] == base
     assert [o.token_ids for o in outs] == reference(llama, persrm, base, reward, [params] * 3)
     assert all(o.text == tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs)
+
+
+def test_several_weighted_preferences_match_reference(llama, persrm, tokenizer):
+    """Each (preference, weight) is its own reward stream: score = z_b + sum_j w_j (lsm(z_r_j) - lsm(z_b))."""
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=6, shared_prefix=6)
+    rng = random.Random(6)
+    multi = []
+    for i, (b, r) in enumerate(zip(base, reward)):
+        prefs = [[rng.randrange(4, 300) for _ in range(rng.randrange(3, 12))] + b for _ in range(1 + i % 3)]
+        multi.append([(p, w) for p, w in zip(prefs, [(0.5, 1.0, -0.5, 2.0)[(i + j) % 4] for j in range(3)])])
+    expected = reference(llama, persrm, base, multi, params)
+    engine = Engine(llama, persrm, block_size=4, num_kv_blocks=60)
+    outs, got = run(engine, base, multi, params)
+    assert got == expected
+    assert [len(o.reward_prompt_token_ids) for o in outs] == [len(m) for m in multi]
+    assert sum(o.metrics.num_preemptions for o in outs) > 0          # all streams preempted together
+    assert all(p.num_used == 0 for p in engine.runner.pools)
+
+
+def test_one_weighted_preference_equals_single_preference(llama, persrm, tokenizer):
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=7)
+    for p in params:
+        p.weight = p.weight or 1.0
+    engine = Engine(llama, persrm, block_size=4)
+    single = engine.generate(prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)
+    pairs = engine.generate(prompt_token_ids=base, params=params,
+                            reward_prompt_token_ids=[[(r, p.weight)] for r, p in zip(reward, params)])
+    assert [o.token_ids for o in single] == [o.token_ids for o in pairs]
+    for a, b in zip(single, pairs):        # the second run reads prefix-cached KV: equal up to rounding
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    text = engine.generate(["write a poem"], SamplingParams(max_tokens=8, weight=1.5),
+                           preferences=[[("be concise", 1.5)]])
+    assert text[0].token_ids == engine.generate(["write a poem"], SamplingParams(max_tokens=8, weight=1.5),
+                                                preferences="be concise")[0].token_ids
+
+
+def test_text_prompt_with_two_preferences(llama, persrm, tokenizer):
+    engine = Engine(llama, persrm, block_size=4)
+    prefs = [("be concise", 1.0), ("answer in french", 0.5)]
+    out = engine.generate(["explain how a computer works"], SamplingParams(max_tokens=10, preference_in_base=False),
+                          preferences=[prefs])[0]
+    render = lambda pref: tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_message("explain how a computer works", pref)}], tokenize=False,
+        add_generation_prompt=True), add_special_tokens=False)
+    assert out.prompt_token_ids == render(None)
+    assert out.reward_prompt_token_ids == [render("be concise"), render("answer in french")]
+    assert out.token_ids == reference(llama, persrm, [render(None)], [[(render(t), w) for t, w in prefs]],
+                                      [SamplingParams(max_tokens=10)])[0]

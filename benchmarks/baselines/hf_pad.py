@@ -2,9 +2,9 @@
 against, and the baseline it is benchmarked against.
 
 One request at a time, as the authors' code runs, but with a KV cache per model and a stop at the
-end-of-sequence token. Per step: base logits z_b, reward logits z_r (through the value head when the
-reward folder has one), candidates = top-k of z_b,
-score = z_b + w * (log_softmax_C(z_r) - log_softmax_C(z_b)), greedy argmax.
+end-of-sequence token. Per step: base logits z_b, reward logits z_r_j for each preference j (through the
+value head when the reward folder has one), candidates C = top-k of z_b,
+score = z_b + sum_j w_j * (log_softmax_C(z_r_j) - log_softmax_C(z_b)), greedy argmax.
 """
 import inspect
 import os
@@ -30,32 +30,30 @@ class HFPad:
             self.value_head = _value_head(reward_path, self.reward.config.hidden_size, dtype, device)
 
     @torch.inference_mode()
-    def generate(self, base_ids: list[int], reward_ids: list[int] | None, max_tokens: int, top_k: int = 10,
-                 weight: float = 0.8, eos_ids: set[int] = frozenset()) -> list[int]:
-        guided = self.reward is not None and weight != 0
-        base_cache, reward_cache = {CACHE_ARG: DynamicCache()}, {CACHE_ARG: DynamicCache()}
-        base_in = torch.tensor([base_ids], device=self.device)
-        reward_in = torch.tensor([reward_ids], device=self.device) if guided else None
+    def generate(self, base_ids: list[int], rewards: list[tuple[list[int], float]], max_tokens: int,
+                 top_k: int = 10, eos_ids: set[int] = frozenset()) -> list[int]:
+        """Greedy PAD for one request. `rewards` holds one (reward prompt ids, weight) per preference:
+        score = z_b + sum_j w_j * (log_softmax_C(z_r_j) - log_softmax_C(z_b))."""
+        rewards = [(ids, w) for ids, w in rewards if w != 0] if self.reward is not None else []
+        caches = [{CACHE_ARG: DynamicCache()} for _ in range(1 + len(rewards))]
+        inputs = [torch.tensor([ids], device=self.device) for ids in [base_ids] + [ids for ids, _ in rewards]]
         out = []
         for _ in range(max_tokens):
-            z_b = self.base(base_in, **base_cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            z_b = self.base(inputs[0], **caches[0], use_cache=True, logits_to_keep=1).logits[0, -1]
             vocab = z_b.shape[-1]
-            k = vocab if top_k == 0 or top_k >= vocab else top_k
-            zb, cand = z_b.float().topk(k)
+            zb, cand = z_b.float().topk(vocab if top_k == 0 or top_k >= vocab else top_k)
             score = zb
-            if guided:
-                h = self.reward.model(reward_in, **reward_cache, use_cache=True).last_hidden_state
-                h = h[0, -1]
+            for (_, w), x, cache in zip(rewards, inputs[1:], caches[1:]):
+                h = self.reward.model(x, **cache, use_cache=True).last_hidden_state[0, -1]
                 if self.value_head is not None:
                     h = self.value_head(h)
                 z_r = self.reward.lm_head(h).float()
-                score = zb + weight * (torch.log_softmax(z_r[cand], -1) - torch.log_softmax(zb, -1))
+                score = score + w * (torch.log_softmax(z_r[cand], -1) - torch.log_softmax(zb, -1))
             token = int(cand[score.argmax()])
             out.append(token)
             if token in eos_ids:
                 break
-            base_in = torch.tensor([[token]], device=self.device)
-            reward_in = base_in
+            inputs = [torch.tensor([[token]], device=self.device)] * len(inputs)
         return out
 
 

@@ -15,7 +15,7 @@ from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Request, Sequence
 from padengine.errors import require
 from padengine.layers.attention import AttnBatch
-from padengine.layers.sampler import pad_sample
+from padengine.layers.sampler import merge_rewards, pad_sample
 from padengine.models.loader import load_config, load_model, load_value_head
 
 logger = logging.getLogger(__name__)
@@ -83,29 +83,24 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, reqs: list[Request], is_prefill: bool) -> tuple[list[int], list[float]]:
         """One step for `reqs`: the next token of each and its log-probability."""
-        guided = [i for i, r in enumerate(reqs) if r.reward is not None]
+        rewards = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
         streams = [[] for _ in self.models]
-        for r in reqs:
-            streams[r.base.pool].append(r.base)
-        for i in guided:
-            streams[reqs[i].reward.pool].append(reqs[i].reward)
+        for s in [r.base for r in reqs] + [s for _, s, _ in rewards]:
+            streams[s.pool].append(s)
         hidden = [self._forward(p, s, is_prefill) if s else None for p, s in enumerate(streams)]
         base_logits = self.models[0].logits(hidden[0][:len(reqs)])
-        reward_logits = None
-        if guided:
-            start = len(reqs) if self.reward_pool == 0 else 0
-            model = self.models[self.reward_pool]
-            rows = model.logits(hidden[self.reward_pool][start:start + len(guided)], value_head=self.value_head)
-            reward_logits = rows.new_zeros(len(reqs), rows.shape[1])
-            reward_logits[guided] = rows
-        p = [r.params for r in reqs]
         tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)
+        reward_logits, weight = None, torch.zeros(len(reqs), device=self.device)
+        if rewards:
+            start = len(reqs) if self.reward_pool == 0 else 0
+            rows = self.models[self.reward_pool].logits(hidden[self.reward_pool][start:start + len(rewards)],
+                                                        self.value_head)
+            reward_logits, weight = merge_rewards(base_logits, rows, tensor([i for i, _, _ in rewards], torch.long),
+                                                  tensor([w for _, _, w in rewards], torch.float32))
+        p = [r.params for r in reqs]
         tokens, logprobs = pad_sample(
-            base_logits, reward_logits,
-            tensor([x.top_k for x in p], torch.long),
-            tensor([r.params.weight if r.reward is not None else 0.0 for r in reqs], torch.float32),
-            tensor([x.temperature for x in p], torch.float32),
-            tensor([r.seed for r in reqs], torch.long),
+            base_logits, reward_logits, tensor([x.top_k for x in p], torch.long), weight,
+            tensor([x.temperature for x in p], torch.float32), tensor([r.seed for r in reqs], torch.long),
             tensor([len(r.output_ids) for r in reqs], torch.long))
         return tokens.tolist(), logprobs.tolist()
 

@@ -1,8 +1,8 @@
 """A request and its token streams.
 
-A request owns one base stream and, when it is guided, one reward stream; each stream is a token list
-with a block table in its model's KV pool. Both streams receive every chosen token, so they advance,
-are preempted and are freed together.
+A request owns one base stream and, when it is guided, one reward stream per weighted preference; each
+stream is a token list with a block table in its model's KV pool. All streams receive every chosen
+token, so they advance, are preempted and are freed together.
 """
 import time
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ class Sequence:
 
     def __init__(self, token_ids: list[int], pool: int):
         self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
         self.pool = pool
         self.block_table: list[int] = []
         self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last allocation
@@ -65,7 +66,7 @@ class RequestOutput:
     finish_reason: str | None
     logprobs: list[float]
     metrics: RequestMetrics
-    reward_prompt_token_ids: list[int] | None = None
+    reward_prompt_token_ids: list[list[int]]     # one per reward stream (empty when unguided)
 
 
 @dataclass(eq=False)
@@ -74,7 +75,8 @@ class Request:
     params: SamplingParams
     seed: int
     stop_ids: set[int]                   # end-of-sequence ids (unless ignore_eos) and stop_token_ids
-    streams: list[Sequence]              # base first, then the reward stream if the request is guided
+    streams: list[Sequence]              # base first, then one reward stream per weighted preference
+    weights: list[float]                 # the PAD weight of each reward stream
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -86,8 +88,13 @@ class Request:
         return self.streams[0]
 
     @property
-    def reward(self) -> Sequence | None:
-        return self.streams[1] if len(self.streams) > 1 else None
+    def rewards(self) -> list[Sequence]:
+        return self.streams[1:]
+
+    def output(self, text: str) -> RequestOutput:
+        prompt = lambda s: s.token_ids[:s.num_prompt_tokens]
+        return RequestOutput(self.request_id, text, list(self.output_ids), prompt(self.base), self.finish_reason,
+                             list(self.logprobs), self.metrics, [prompt(s) for s in self.rewards])
 
     @property
     def is_finished(self) -> bool:

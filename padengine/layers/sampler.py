@@ -59,3 +59,24 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     pick = torch.where(greedy, scaled.argmax(-1), noisy.argmax(-1))
     logprobs = torch.log_softmax(scaled, dim=-1).gather(1, pick[:, None]).squeeze(1)
     return cand.gather(1, pick[:, None]).squeeze(1), logprobs
+
+
+def merge_rewards(base_logits, reward_rows, owner, weights):
+    """Fold several reward streams per row into the one reward row and weight that `pad_sample` takes.
+
+    reward_rows [R, V_r] belong to rows `owner` [R] with PAD weights `weights` [R]. A row with one stream
+    passes through unchanged (reward row as is, its weight). For J > 1 streams,
+        sum_j w_j (log_softmax_C(z_j) - log_softmax_C(z_b))  and  log_softmax_C(z') - log_softmax_C(z_b)
+    with z' = (1 - sum_j w_j) z_b + sum_j w_j z_j differ only by a per-row constant, which neither the
+    argmax nor softmax(score / T) sees: such rows get reward z' and weight 1. Rows with no stream: weight 0.
+    """
+    n, vocab = base_logits.shape
+    multi = torch.bincount(owner, minlength=n) > 1
+    coef = torch.where(multi[owner], weights, torch.ones_like(weights))
+    rows = reward_rows.float()
+    merged = rows.new_zeros(n, rows.shape[1]).index_add_(0, owner, rows * coef[:, None])
+    single = torch.zeros(n, device=rows.device).index_add_(0, owner, torch.where(multi[owner], 0.0, weights))
+    if multi.any():
+        total = torch.zeros(n, device=rows.device).index_add_(0, owner, weights)
+        merged[multi, :vocab] += (1 - total[multi])[:, None] * base_logits[multi].float()
+    return merged, torch.where(multi, 1.0, single)

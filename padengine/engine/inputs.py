@@ -1,0 +1,127 @@
+"""Turning user input into requests: prompt rendering, preference parsing and all per-request validation.
+
+A request is built only after the whole batch has been checked, so bad input raises `InvalidInput`
+(naming the field) before anything is queued. A preference entry is a string, None, or a list of
+(text, weight) pairs; each weighted preference becomes its own reward stream.
+"""
+from itertools import count
+
+from padengine.engine.block_manager import BlockManager
+from padengine.engine.sequence import Request, Sequence
+from padengine.errors import InvalidInput, require, require_finite
+from padengine.prompts import encode, user_message
+from padengine.sampling_params import SamplingParams
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, reward_tokenizer, vocab_size: int, max_model_len: int, eos_ids: set[int],
+                 pools: list[BlockManager], reward_pool: int | None, seed: int):
+        self.tokenizer, self.reward_tokenizer = tokenizer, reward_tokenizer
+        self.vocab_size, self.max_model_len, self.eos_ids = vocab_size, max_model_len, eos_ids
+        self.pools, self.reward_pool, self.seed = pools, reward_pool, seed
+        self._ids = count()
+
+    def make_requests(self, prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids) -> list[Request]:
+        require(prompts is None or prompt_token_ids is None, "prompt_token_ids", "give prompts or token ids, not both")
+        items = prompts if prompts is not None else prompt_token_ids
+        field = "prompt_token_ids" if prompt_token_ids is not None else "prompts"
+        require(isinstance(items, list) and len(items) > 0, field, "no prompts given")
+        n = len(items)
+        params_list = _per_request(params if params is not None else SamplingParams(), SamplingParams, n, "params")
+        require(preferences is None or prompts is not None, "preferences",
+                "apply to text prompts; with token ids, put the preference in reward_prompt_token_ids")
+        prefs = _per_request(preferences, str, n, "preferences")
+        if reward_prompt_token_ids is not None:
+            require(prompt_token_ids is not None, "reward_prompt_token_ids", "needs prompt_token_ids")
+            require(isinstance(reward_prompt_token_ids, list) and len(reward_prompt_token_ids) == n,
+                    "reward_prompt_token_ids", f"must be a list of {n} entries")
+        built = []
+        for i, (item, p) in enumerate(zip(items, params_list)):
+            p.validate(f"params[{i}]" if isinstance(params, list) else "params", self.vocab_size)
+            if prompts is not None:
+                base_ids, rewards = self._from_text(item, prefs[i], p, i)
+            else:
+                base_ids = self._check_ids(item, f"prompt_token_ids[{i}]")
+                entry = None if reward_prompt_token_ids is None else reward_prompt_token_ids[i]
+                rewards = self._reward_ids(entry, base_ids, p.weight, f"reward_prompt_token_ids[{i}]")
+            built.append(self._check_fits(base_ids, rewards, p, f"{field}[{i}]"))
+        return [self._request(*b) for b in built]
+
+    def _from_text(self, prompt, preference, params: SamplingParams, i: int):
+        require(isinstance(prompt, str) and prompt.strip() != "", f"prompts[{i}]", "prompt is empty")
+        prefs = _preference_pairs(preference, params.weight, f"preferences[{i}]")
+        in_base = " ".join(text for text, _ in prefs) if prefs and params.preference_in_base else None
+        base_ids = encode(self.tokenizer, user_message(prompt, in_base))
+        rewards = [(encode(self.reward_tokenizer, user_message(prompt, text)), w) for text, w in prefs]
+        return base_ids, rewards or [(encode(self.reward_tokenizer, user_message(prompt, None)), params.weight)]
+
+    def _reward_ids(self, entry, base_ids, weight: float, field: str) -> list[tuple[list[int], float]]:
+        if entry is None:
+            return [(base_ids, weight)]
+        require(isinstance(entry, list) and len(entry) > 0, field, "must be token ids or (token_ids, weight) pairs")
+        if all(isinstance(t, int) for t in entry):
+            return [(self._check_ids(entry, field), weight)]
+        pairs = []
+        for j, pair in enumerate(entry):
+            require(isinstance(pair, (tuple, list)) and len(pair) == 2, f"{field}[{j}]",
+                    "must be a (token_ids, weight) pair")
+            require_finite(pair[1], f"{field}[{j}].weight")
+            pairs.append((self._check_ids(pair[0], f"{field}[{j}]"), float(pair[1])))
+        return pairs
+
+    def _check_ids(self, ids, field: str) -> list[int]:
+        require(isinstance(ids, list) and len(ids) > 0, field, "must be a non-empty list of token ids")
+        for t in ids:
+            if not (isinstance(t, int) and 0 <= t < self.vocab_size):
+                raise InvalidInput(field, f"token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
+        return list(ids)
+
+    def _check_fits(self, base_ids, rewards, params: SamplingParams, field: str):
+        """Keep only the reward streams that count; check lengths and the worst-case block need."""
+        if self.reward_pool is None:
+            rewards = []
+        rewards = [(ids, w) for ids, w in rewards if w != 0]
+        need = [0] * len(self.pools)
+        for ids, pool in [(base_ids, 0)] + [(ids, self.reward_pool) for ids, _ in rewards]:
+            total = len(ids) + params.max_tokens
+            require(total <= self.max_model_len, field, f"{len(ids)} prompt tokens + max_tokens "
+                    f"{params.max_tokens} exceed max_model_len {self.max_model_len}")
+            need[pool] += self.pools[pool].blocks_needed(total)
+        for n, pool in zip(need, self.pools):
+            require(n <= len(pool.blocks), "num_kv_blocks",
+                    f"the KV pool ({len(pool.blocks)} blocks) is too small for {field}, which needs {n}")
+        return base_ids, rewards, params
+
+    def _request(self, base_ids, rewards, params: SamplingParams) -> Request:
+        rid = next(self._ids)
+        seed = params.seed if params.seed is not None else hash((self.seed, rid)) & 0xFFFFFFFFFFFF
+        stop = set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_ids)
+        streams = [Sequence(base_ids, 0)] + [Sequence(ids, self.reward_pool) for ids, _ in rewards]
+        return Request(rid, params, seed, stop, streams, [w for _, w in rewards])
+
+
+def _preference_pairs(preference, weight: float, field: str) -> list[tuple[str, float]]:
+    """None -> [], a string -> [(text, params.weight)], a list of (text, weight) pairs -> itself."""
+    if preference is None:
+        return []
+    if isinstance(preference, str):
+        require(preference.strip() != "", field, "preference is empty")
+        return [(preference, weight)]
+    require(isinstance(preference, list) and len(preference) > 0, field,
+            "must be a string, None, or a non-empty list of (text, weight) pairs")
+    pairs = []
+    for j, pair in enumerate(preference):
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) and pair[0].strip()
+        require(bool(ok), f"{field}[{j}]", "must be a (text, weight) pair with non-empty text")
+        require_finite(pair[1], f"{field}[{j}].weight")
+        pairs.append((pair[0], float(pair[1])))
+    return pairs
+
+
+def _per_request(value, kind, n: int, field: str) -> list:
+    """Broadcast a single value to n requests, or check a list has exactly n entries."""
+    if isinstance(value, list):
+        require(len(value) == n, field, f"has {len(value)} entries for {n} prompts")
+        return value
+    require(value is None or isinstance(value, kind), field, f"must be a {kind.__name__} or a list of them")
+    return [value] * n
