@@ -30,7 +30,8 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """K or V of one or more sequences as contiguous [..., kv_heads, length, head_dim]."""
-    x = cache[block_table]                                  # [..., blocks, block_size, kvh, hd]
+    # index_select copies whole blocks; advanced indexing (cache[block_table]) is several times slower on CPU
+    x = cache.index_select(0, block_table.flatten()).view(*block_table.shape, *cache.shape[1:])
     x = x.flatten(-4, -3)[..., :length, :, :]               # [..., tokens, kvh, hd]
     return x.transpose(-3, -2)
 
