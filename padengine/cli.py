@@ -1,7 +1,9 @@
-"""Command line: `padengine demo` (also `python -m padengine demo`)."""
+"""Command line: `padengine demo | generate | serve | bench` (also `python -m padengine ...`)."""
 import argparse
 import itertools
+import json
 import logging
+import os
 import sys
 import textwrap
 
@@ -11,45 +13,141 @@ DEMO_PROMPTS = ["What is the capital of France?",
                 "Give me three tips for a good night's sleep.",
                 "Why is the sky blue?"]
 DEMO_PREFERENCE = "Be extremely concise: one short sentence."
+SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_eval_50.json")
+
+
+def make_engine(args, **kw):
+    from padengine import Engine
+    from padengine.default_model import default_model_path
+    path = args.model or default_model_path()
+    return Engine(path, args.reward or path, device=args.device, dtype=args.dtype, **kw)
+
+
+def sampling(args, **overrides):
+    from padengine import SamplingParams
+    fields = dict(max_tokens=args.max_tokens, top_k=args.top_k, weight=args.weight, temperature=args.temperature,
+                  seed=args.seed, preference_in_base=args.preference_in_base)
+    return SamplingParams(**(fields | overrides))
 
 
 def demo(args) -> None:
     """PAD on the default model guiding itself: base answers beside preference-guided answers."""
-    from padengine import Engine, SamplingParams
-    from padengine.default_model import default_model_path
-
-    path = args.model or default_model_path()
-    engine = Engine(path, args.reward or path, device=args.device, dtype=args.dtype)
+    engine = make_engine(args)
     prompts = args.prompts or DEMO_PROMPTS
-    base = engine.generate(prompts, SamplingParams(max_tokens=args.max_tokens, weight=0.0), use_tqdm=True)
-    guided = engine.generate(prompts, SamplingParams(max_tokens=args.max_tokens, weight=args.weight,
-                                                     top_k=args.top_k, preference_in_base=False),
-                             preferences=args.preference, use_tqdm=True)
+    base = engine.generate(prompts, sampling(args, weight=0.0), use_tqdm=True)
+    guided = engine.generate(prompts, sampling(args), preferences=args.preference, use_tqdm=True)
     width = 48
     print(f"\npreference: {args.preference!r}   (weight {args.weight}, top_k {args.top_k})\n")
     for prompt, b, g in zip(prompts, base, guided):
-        print(f"## {prompt}")
-        print(f"{'base':<{width}} | PAD-guided")
+        print(f"## {prompt}\n{'base':<{width}} | PAD-guided")
         left, right = textwrap.wrap(b.text, width) or [""], textwrap.wrap(g.text, width) or [""]
         for l, r in itertools.zip_longest(left, right, fillvalue=""):
             print(f"{l:<{width}} | {r}")
         print()
 
 
+def generate(args) -> None:
+    """Prompts from arguments or a JSONL file ({"prompt": ..., "preference": ...} per line) to JSONL."""
+    if args.input:
+        with open(args.input) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        prompts = [r.get("prompt") for r in rows]
+        prefs = [r.get("preference", args.preference) for r in rows]
+    else:
+        prompts, prefs = args.prompts, [args.preference] * len(args.prompts)
+    if not prompts:
+        raise InvalidInput("prompts", "give prompts as arguments or --input FILE")
+    engine = make_engine(args)
+    outs = engine.generate(prompts, sampling(args), preferences=prefs, use_tqdm=True)
+    sink = open(args.output, "w") if args.output else sys.stdout
+    for prompt, pref, out in zip(prompts, prefs, outs):
+        m = out.metrics
+        sink.write(json.dumps({"prompt": prompt, "preference": pref, "text": out.text, "token_ids": out.token_ids,
+                               "finish_reason": out.finish_reason,
+                               "metrics": {"time_to_first_token": m.time_to_first_token,
+                                           "time_per_output_token": m.time_per_output_token,
+                                           "queue_time": m.queue_time, "prompt_tokens": m.num_prompt_tokens,
+                                           "cached_tokens": m.num_cached_tokens}}) + "\n")
+    if args.output:
+        sink.close()
+
+
+def serve(args) -> None:
+    from padengine.serving.async_engine import AsyncEngine
+    from padengine.serving.server import serve as run_server
+    engine = AsyncEngine(make_engine(args, max_num_seqs=args.max_num_seqs), max_queue=args.max_queue)
+    name = args.served_model_name or os.path.basename(os.path.normpath(engine.engine.config.base_model))
+    print(f"padengine: serving {name!r} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    run_server(engine, name, args.host, args.port, args.max_body_bytes)
+
+
+def bench(args) -> None:
+    from padengine.serving import bench as serving_bench
+    from padengine.serving.async_engine import AsyncEngine
+    with open(args.prompts) as f:
+        prompts = [x["prompt"] for x in json.load(f)][:args.num_prompts]
+    engine = AsyncEngine(make_engine(args, max_num_seqs=args.max_num_seqs))
+    serving_bench.run(engine, prompts[:2], sampling(args, max_tokens=2), args.preference)     # warm-up
+    result = serving_bench.run(engine, prompts, sampling(args, ignore_eos=True), args.preference,
+                               args.request_rate)
+    engine.shutdown()
+    print(serving_bench.table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="padengine", description="Personalized alignment at decoding time.")
+    p = argparse.ArgumentParser(prog="padengine", description="Personalized alignment at decoding time (PAD).")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="base vs PAD-guided answers on the default model")
+
+    def command(name, func, help_, model_positional=False):
+        c = sub.add_parser(name, help=help_, description=help_)
+        if model_positional:
+            c.add_argument("model", nargs="?", help="base model folder (default: SmolLM2-135M-Instruct)")
+        else:
+            c.add_argument("--model", help="base model folder (default: SmolLM2-135M-Instruct)")
+        c.add_argument("--reward", help="reward model folder (default: the base model guides itself)")
+        c.add_argument("--device", default="cpu")
+        c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        c.set_defaults(func=func)
+        return c
+
+    def pad_flags(c, preference=None, weight=1.0, max_tokens=128):
+        c.add_argument("--preference", default=preference, help="the user's preference text")
+        c.add_argument("--weight", type=float, default=weight, help="PAD weight w (0: no guidance)")
+        c.add_argument("--top-k", type=int, default=10, help="base candidates per step (0: whole vocabulary)")
+        c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+        c.add_argument("--max-tokens", type=int, default=max_tokens)
+        c.add_argument("--seed", type=int, default=None)
+        c.add_argument("--preference-in-base", action=argparse.BooleanOptionalAction, default=False,
+                       help="also show the base model the preference (default: only the reward model sees it)")
+
+    d = command("demo", demo, "base vs PAD-guided answers on the default model")
     d.add_argument("prompts", nargs="*", help="prompts (default: three built-in ones)")
-    d.add_argument("--preference", default=DEMO_PREFERENCE)
-    d.add_argument("--weight", type=float, default=2.0)
-    d.add_argument("--top-k", type=int, default=10)
-    d.add_argument("--max-tokens", type=int, default=64)
-    d.add_argument("--model", help="base model folder (default: SmolLM2-135M-Instruct)")
-    d.add_argument("--reward", help="reward model folder (default: the base model guides itself)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--dtype", default="float32")
-    d.set_defaults(func=demo)
+    pad_flags(d, DEMO_PREFERENCE, weight=2.0, max_tokens=64)
+
+    g = command("generate", generate, "PAD generation for prompts from arguments or a JSONL file, JSONL out")
+    g.add_argument("prompts", nargs="*", help="prompts (or --input)")
+    g.add_argument("--input", help='JSONL file: {"prompt": ..., "preference": ...} per line')
+    g.add_argument("--output", help="JSONL output file (default: stdout)")
+    pad_flags(g)
+
+    s = command("serve", serve, "OpenAI-compatible HTTP server with PAD fields", model_positional=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get HTTP 429")
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--served-model-name", help="the model name clients use (default: the folder name)")
+
+    b = command("bench", bench, "throughput and latency (TTFT, TPOT p50/p99) at a request rate or fixed batch")
+    b.add_argument("--prompts", default=SHARED_PROMPTS, help="JSON list of {'prompt': ...}")
+    b.add_argument("--num-prompts", type=int, default=16)
+    b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    b.add_argument("--max-num-seqs", type=int, default=64)
+    b.add_argument("--json", help="also write the results here")
+    pad_flags(b, "Be concise.", max_tokens=64)
     return p
 
 
@@ -58,7 +156,9 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (InvalidInput, RuntimeError) as e:
-        print(f"padengine: error: {e}", file=sys.stderr)
+    except (InvalidInput, OSError, json.JSONDecodeError) as e:
+        print(f"padengine {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0

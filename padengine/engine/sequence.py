@@ -102,18 +102,19 @@ class Request:
 
     def append(self, token: int, logprob: float) -> None:
         """Add the chosen token to every stream; finish on a stop token or at max_tokens."""
-        now = time.perf_counter()
         if not self.output_ids:
-            self.metrics.first_token_time = now
+            self.metrics.first_token_time = time.perf_counter()
         for s in self.streams:
             s.token_ids.append(token)
         self.output_ids.append(token)
         self.logprobs.append(logprob)
         self.metrics.num_generated_tokens = len(self.output_ids)
         if token in self.stop_ids:
-            self.finish_reason = "stop"
+            self.finish("stop")
         elif len(self.output_ids) >= self.params.max_tokens:
-            self.finish_reason = "length"
-        if self.finish_reason is not None:
-            self.status = Status.FINISHED
-            self.metrics.finished_time = now
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.status = Status.FINISHED
+        self.metrics.finished_time = time.perf_counter()
