@@ -151,13 +151,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="sampled runs (0 = greedy only)")
     p.add_argument("--sampled-weight", type=float, default=2.0)
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 runs about 2.5x faster than float32 on "
+                   "CPUs with AVX512-BF16")
+    p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "docs"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     prompts = [x["prompt"] for x in json.load(open(args.prompts))][:args.limit]
     path = args.model or default_model_path()
-    engine = Engine(path, path, max_num_seqs=128)
+    engine = Engine(path, path, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
     conds = conditions(args)
     reqs = [(c, q, *request(c, args.max_tokens)) for c in conds for q in prompts]
     t = time.perf_counter()
@@ -170,8 +173,8 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     tokens = sum(len(o.token_ids) for o in outs)
     header = (f"# Preference adherence: SmolLM2-135M-Instruct guiding itself\n\n{len(prompts)} P-Soups prompts, "
-              f"max {args.max_tokens} new tokens, top_k 10; {len(reqs)} generations, {tokens} tokens in "
-              f"{elapsed / 60:.1f} min. Cells: adherence (mean words).\n")
+              f"max {args.max_tokens} new tokens, top_k 10, {args.dtype}; {len(reqs)} generations, {tokens} "
+              f"tokens in {elapsed / 60:.1f} min. Cells: adherence (mean words).\n")
     md = header + table(rows)
     open(os.path.join(args.out_dir, "eval_preferences.md"), "w").write(md)
     samples = [dict(condition={k: v for k, v in c.items()}, prompt=q, text=o.text)

@@ -1,9 +1,14 @@
 """Tiny random checkpoints, built once per test session and saved as safetensors folders."""
 import os
 
-import pytest
 import torch
-from safetensors.torch import save_file
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU; it must be on before triton is first imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
                           Qwen2Config)
