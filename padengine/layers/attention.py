@@ -48,9 +48,16 @@ def _decode(q, k_cache, v_cache, batch, scale):
     k = gather_kv(k_cache, batch.block_tables, max_len)     # [B, kvh, S, hd]
     v = gather_kv(v_cache, batch.block_tables, max_len)
     mask = _mask(batch.context_lens - 1, torch.arange(max_len, device=q.device), batch.window)  # [B, S]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
-                                         scale=scale, enable_gqa=True)
-    return out.squeeze(2)
+    if q.dtype == torch.float32:
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                             scale=scale, enable_gqa=True)
+        return out.squeeze(2)
+    # bf16/fp16: two batched GEMVs (query heads grouped per KV head) with a float32 softmax; the CPU's
+    # masked SDPA kernel is about 10x slower for one query per sequence in these dtypes
+    n, heads, dim = q.shape
+    scores = torch.matmul(q.view(n, k.shape[1], -1, dim), k.transpose(-1, -2)).float() * scale
+    probs = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+    return torch.matmul(probs.to(q.dtype), v).view(n, heads, dim)
 
 
 def _prefill(q, k_cache, v_cache, batch, scale):
