@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--prompts", default=SHARED_PROMPTS)
     p.add_argument("--limit", type=int, default=50, help="use the first N prompts")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0])
+    p.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
     p.add_argument("--pair-weights", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seeds", type=int, default=3, help="sampled runs (0 = greedy only)")
@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 runs about 2.5x faster than float32 on "
                    "CPUs with AVX512-BF16")
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "docs"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

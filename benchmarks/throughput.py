@@ -58,7 +58,7 @@ def main() -> None:
               "dtype": args.dtype, "threads": torch.get_num_threads(),
               "engine_tokens_per_s": total / engine_s, "engine_s": engine_s}
     if not args.skip_baseline:
-        ref = HFPad(base_path, reward_path, dtype=engine.config.torch_dtype, device=args.device)
+        ref = HFPad.load(base_path, reward_path, dtype=engine.config.torch_dtype, device=args.device)
         ref.generate(base_ids[0], [(reward_ids[0], args.weight)], 4, args.top_k)              # warm-up
         t = time.perf_counter()
         ref_out = [ref.generate(b, [(r, args.weight)], args.max_tokens, args.top_k)

@@ -1,4 +1,5 @@
 """Engine-wide settings, validated on construction."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # prefill tokens per step (default: max(8192, 2 * max_model_len))
     max_model_len: int | None = None       # prompt + generated tokens (default: the models' limit)
     seed: int = 0                          # seeds requests that carry none
+    kernels: str = "torch"                 # "torch" (reference) or "triton" (fused sampler, paged attention)
 
     def __post_init__(self):
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -39,6 +41,9 @@ class EngineConfig:
         require(self.num_kv_blocks is None or self.kv_cache_bytes is None, "num_kv_blocks",
                 "give num_kv_blocks or kv_cache_bytes, not both")
         require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        require(self.kernels in ("torch", "triton"), "kernels", f"must be 'torch' or 'triton', got {self.kernels!r}")
+        require(self.kernels == "torch" or self.torch_device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+                "kernels", "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

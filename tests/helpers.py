@@ -25,7 +25,7 @@ def random_batch(vocab: int, n: int = 18, seed: int = 0, shared_prefix: int = 0)
 
 def reference(base_path, reward_path, base, reward, params):
     """`reward` entries: token ids (weighted by params.weight) or a list of (token ids, weight) pairs."""
-    ref = HFPad(base_path, reward_path)
+    ref = HFPad.load(base_path, reward_path)
     pairs = lambda r, p: r if isinstance(r[0], tuple) else [(r, p.weight)]
     return [ref.generate(b, pairs(r, p), p.max_tokens, p.top_k, set() if p.ignore_eos else EOS)
             for b, r, p in zip(base, reward, params)]

@@ -125,3 +125,12 @@ def test_text_prompt_with_two_preferences(llama, persrm, tokenizer):
     assert out.reward_prompt_token_ids == [render("be concise"), render("answer in french")]
     assert out.token_ids == reference(llama, persrm, [render(None)], [[(render(t), w) for t, w in prefs]],
                                       [SamplingParams(max_tokens=10)])[0]
+
+
+def test_batched_baseline_equals_one_at_a_time(llama, persrm, tokenizer):
+    """The GPU benchmark's left-padded transformers baseline computes what the reference computes."""
+    from benchmarks.baselines.hf_pad import HFPad
+    base, reward, _ = random_batch(len(tokenizer), n=6, seed=9)
+    ref = HFPad.load(llama, persrm)
+    batched = ref.generate_batch(base, [reward], [1.5], max_tokens=10, top_k=10)
+    assert batched == [ref.generate(b, [(r, 1.5)], max_tokens=10, top_k=10) for b, r in zip(base, reward)]

@@ -87,3 +87,11 @@ def test_async_engine_many_callers_and_cancel(engine):
     assert not engine.scheduler.has_work()
     assert all(p.num_used == 0 for p in engine.runner.pools)
     assert aengine.stats.finished["abort"] == 1
+
+
+def test_leaving_a_stream_early_frees_its_requests(engine):
+    stream = engine.stream(PROMPTS, SamplingParams(max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert not engine.scheduler.has_work()
+    assert all(p.num_used == 0 for p in engine.runner.pools)

@@ -23,9 +23,10 @@ class Engine:
     def __init__(self, base_model: str, reward_model: str | None = None, *, device: str = "cpu",
                  dtype: str = "float32", block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 max_num_batched_tokens: int | None = None, seed: int = 0):
+                 max_num_batched_tokens: int | None = None, seed: int = 0, kernels: str = "torch"):
         self.config = cfg = EngineConfig(base_model, reward_model, device, dtype, block_size, num_kv_blocks,
-                                         kv_cache_bytes, max_num_seqs, max_num_batched_tokens, max_model_len, seed)
+                                         kv_cache_bytes, max_num_seqs, max_num_batched_tokens, max_model_len, seed,
+                                         kernels)
         self.runner = ModelRunner(cfg)
         self.tokenizer = load_tokenizer(base_model, "base_model")
         self.reward_tokenizer = self.tokenizer
@@ -104,13 +105,16 @@ class Engine:
         return req.output(self.tokenizer.decode(req.output_ids, skip_special_tokens=True))
 
     def _drive(self, reqs: list[Request], on_token=lambda r: None) -> Iterator[Request]:
-        """Step until every request of `reqs` has finished, yielding those that advanced."""
+        """Step until every request of `reqs` has finished, yielding those that advanced. If the caller
+        stops early (an exception, a closed stream), the unfinished ones are aborted, not left queued."""
         pending = {r.request_id for r in reqs}
-        while pending:
-            for req in self.step():
-                if req.request_id in pending:
-                    on_token(req)
-                    yield req
-                    if req.is_finished:
-                        pending.discard(req.request_id)
-            pending = {r.request_id for r in reqs if not r.is_finished}
+        try:
+            while pending:
+                for req in self.step():
+                    if req.request_id in pending:
+                        on_token(req)
+                        yield req
+                pending = {r.request_id for r in reqs if not r.is_finished}
+        finally:
+            for req in reqs:
+                self.abort(req)

@@ -51,6 +51,17 @@ class ModelRunner:
             self.value_head = load_value_head(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
         self.pools = self._allocate_kv()
+        self.sample = pad_sample
+        if cfg.kernels == "triton":
+            self._use_triton()
+
+    def _use_triton(self) -> None:
+        """Swap in the Triton kernels, which take the torch references' arguments one for one."""
+        import triton_kernels
+        for model in self.models:
+            for layer in model.model.layers:
+                layer.self_attn.store, layer.self_attn.attend = triton_kernels.write_kv, triton_kernels.paged_attention
+        self.sample = triton_kernels.pad_sample
 
     def _allocate_kv(self) -> list[BlockManager]:
         cfg, bs = self.cfg, self.cfg.block_size
@@ -98,7 +109,7 @@ class ModelRunner:
             reward_logits, weight = merge_rewards(base_logits, rows, tensor([i for i, _, _ in rewards], torch.long),
                                                   tensor([w for _, _, w in rewards], torch.float32))
         p = [r.params for r in reqs]
-        tokens, logprobs = pad_sample(
+        tokens, logprobs = self.sample(
             base_logits, reward_logits, tensor([x.top_k for x in p], torch.long), weight,
             tensor([x.temperature for x in p], torch.float32), tensor([r.seed for r in reqs], torch.long),
             tensor([len(r.output_ids) for r in reqs], torch.long))

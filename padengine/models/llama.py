@@ -96,6 +96,7 @@ class Attention(nn.Module):
         self.rope = rope
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = None  # views into the model's KV pool, set by the runner
+        self.store, self.attend = write_kv, paged_attention   # the runner may swap in Triton kernels
 
     def forward(self, x, positions, batch: AttnBatch):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.shards, dim=-1)
@@ -103,8 +104,8 @@ class Attention(nn.Module):
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
         q, k = self.rope(positions, q, k)
-        write_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
+        self.store(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
+        out = self.attend(q, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(out.flatten(1))
 
 

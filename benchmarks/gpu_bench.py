@@ -1,0 +1,215 @@
+"""GPU benchmark (run by benchmarks/gpu_check.sh): kernel micro-benchmarks and an end-to-end table.
+
+Kernels: the fused Triton PAD sampler against the torch sampler (vocab 128256, batch 1 and 64), and
+Triton paged decode attention against torch SDPA on already-gathered KV; each beside the time to read
+its inputs once at the measured copy bandwidth. End to end: random bf16 models of Llama-3.2-1B and
+Llama-3-8B shape built on the GPU, base + reward, 128 new tokens, per batch size: engine ms/step and
+tokens/s, the engine with the base model alone, the transformers PAD loop (benchmarks/baselines, left-
+padded batch), and the weight-read floor (both models' weight bytes / copy bandwidth).
+
+    PYTHONPATH=. python benchmarks/gpu_bench.py --json out.json
+    PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --shapes tiny --skip-kernels   # a smoke run
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.baselines.hf_pad import HFPad  # noqa: E402
+from padengine import Engine, SamplingParams  # noqa: E402
+from padengine.models.llama import CausalLM  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+BATCHES = {"tiny": [1, 2], "llama-3.2-1b": [1, 16, 64], "llama-3-8b": [1, 16]}
+PROMPT_LEN = 32
+
+
+def bench(fn, device) -> float:
+    """Median milliseconds of fn()."""
+    if device == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
+    x = torch.empty(1 << (28 if device == "cuda" else 22), dtype=torch.float32, device=device).normal_()
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / (bench(lambda: y.copy_(x), device) / 1e3)
+
+
+def kernel_benchmarks(device, bandwidth) -> list[dict]:
+    import triton_kernels
+    from padengine.layers.sampler import pad_sample
+    rows, vocab = [], 128256
+    for batch in (1, 64):
+        base = torch.randn(batch, vocab, device=device, dtype=torch.bfloat16) * 3
+        reward = torch.randn(batch, vocab, device=device, dtype=torch.bfloat16) * 3
+        per_row = (torch.full((batch,), 10, device=device), torch.full((batch,), 1.0, device=device),
+                   torch.tensor([0.0, 0.7] * (batch // 2) or [0.7], device=device),
+                   torch.arange(batch, device=device), torch.arange(batch, device=device))
+        torch_ms = bench(lambda: pad_sample(base, reward, *per_row), device)
+        fused_ms = bench(lambda: triton_kernels.pad_sample(base, reward, *per_row), device)
+        floor = 2 * base.numel() * 2 / bandwidth * 1e3
+        rows.append(dict(kernel=f"pad_sample batch {batch} vocab {vocab}", torch_ms=torch_ms, triton_ms=fused_ms,
+                         floor_ms=floor))
+    batch, ctx, heads, kv_heads, dim, bs = 64, 2048, 32, 8, 128, 16
+    blocks = batch * ctx // bs
+    k_cache = torch.randn(blocks, bs, kv_heads, dim, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(blocks, device=device).view(batch, ctx // bs).to(torch.int32)
+    lens = torch.full((batch,), ctx, device=device)
+    q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
+    k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)
+    paged = lambda: triton_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5,
+                                                          max_context=ctx)
+    rows.append(dict(kernel=f"decode attention batch {batch} ctx {ctx} (paged vs SDPA on gathered KV)",
+                     torch_ms=bench(sdpa, device), triton_ms=bench(paged, device),
+                     floor_ms=2 * k.numel() * 2 / bandwidth * 1e3))
+    return rows
+
+
+class _Tokenizer:
+    """Random weights make no text: the engine only needs a vocabulary and a decoder to run."""
+    chat_template, eos_token_id = None, None
+
+    def get_vocab(self):
+        return {}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def random_model(path, cfg, max_len, dtype, device, field):
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_len)
+    model.materialize(device, dtype)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+def engine_for(folder, reward: bool, device, kernels, batch) -> Engine:
+    with mock.patch("padengine.engine.model_runner.load_model", random_model), \
+            mock.patch("padengine.engine.llm_engine.load_tokenizer", lambda *a: _Tokenizer()), \
+            mock.patch("padengine.engine.llm_engine.eos_token_ids", lambda *a: set()):
+        reward_folder = os.path.join(folder, "reward") if reward else None
+        return Engine(os.path.join(folder, "base"), reward_folder, device=device, dtype="bfloat16",
+                      max_model_len=PROMPT_LEN + 160, max_num_seqs=max(batch, 1), kernels=kernels)
+
+
+def ms_per_step(engine, prompts, max_tokens) -> float:
+    engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    outs = engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=max_tokens, weight=1.0,
+                                                                           ignore_eos=True))
+    return sum(o.metrics.time_per_output_token for o in outs) / len(outs) * 1e3
+
+
+def hf_ms_per_step(shape_cfg, device, prompts, max_tokens) -> float:
+    from transformers import LlamaForCausalLM
+    with torch.device(device):
+        models = [LlamaForCausalLM._from_config(shape_cfg, dtype=torch.bfloat16).eval() for _ in range(2)]
+    ref = HFPad(models[0], models[1])
+    run = lambda n: ref.generate_batch(prompts, [prompts], [1.0], max_tokens=n)
+    run(2)
+    t0 = time.perf_counter()
+    run(1)
+    t1 = time.perf_counter()
+    run(max_tokens)
+    _sync(device)
+    t2 = time.perf_counter()
+    del ref, models
+    return ((t2 - t1) - (t1 - t0)) / (max_tokens - 1) * 1e3
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches) -> list[dict]:
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for role in ("base", "reward"):
+            cfg.save_pretrained(os.path.join(folder, role))
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            prompts = [torch.randint(0, cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist() for _ in range(batch)]
+            engine = engine_for(folder, True, device, kernels, batch)
+            weight_bytes = sum(sum(p.numel() * p.element_size() for p in set(m.parameters())) for m in engine.runner.models)
+            pad_ms = ms_per_step(engine, prompts, max_tokens)
+            del engine
+            gc.collect()
+            alone = engine_for(folder, False, device, kernels, batch)
+            base_ms = ms_per_step(alone, prompts, max_tokens)
+            del alone
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            hf_ms = hf_ms_per_step(cfg, device, prompts, max_tokens)
+            gc.collect()
+            floor = weight_bytes / bandwidth * 1e3
+            rows.append(dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
+                             base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor,
+                             vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=list(SHAPES))
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--kernels", default="triton", choices=["torch", "triton"])
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--json", help="write all numbers here")
+    args = p.parse_args()
+    bandwidth = copy_bandwidth(args.device)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "copy_bandwidth_GBps": bandwidth / 1e9, "kernels": [], "end_to_end": []}
+    print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    if not args.skip_kernels:
+        result["kernels"] = kernel_benchmarks(args.device, bandwidth)
+        print("\n| kernel | torch ms | triton ms | speedup | input-read floor ms | triton / floor |\n|---|---|---|---|---|---|")
+        for r in result["kernels"]:
+            print(f"| {r['kernel']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['torch_ms'] / r['triton_ms']:.1f}x "
+                  f"| {r['floor_ms']:.3f} | {r['triton_ms'] / r['floor_ms']:.1f}x |")
+    for shape in args.shapes:
+        result["end_to_end"] += end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels,
+                                           BATCHES[shape])
+    print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | base alone ms/step "
+          "| transformers ms/step | transformers tok/s | floor ms | engine / floor | engine vs transformers |")
+    print("|---" * 10 + "|")
+    for r in result["end_to_end"]:
+        print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} | {r['base_alone_ms']:.2f} "
+              f"| {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x "
+              f"| {r['vs_hf']:.1f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Smoke runs of the benchmark scripts on tiny models, so they keep working between GPU sessions."""
+import json
+import os
+import subprocess
+import sys
+
+
+def run(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=".")
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_gpu_bench_smoke_on_cpu(tmp_path):
+    stdout = run(["benchmarks/gpu_bench.py", "--device", "cpu", "--shapes", "tiny", "--skip-kernels",
+                  "--kernels", "torch", "--max-tokens", "4", "--json", str(tmp_path / "gpu.json")], tmp_path)
+    rows = json.loads((tmp_path / "gpu.json").read_text())["end_to_end"]
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["engine_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert "| tiny | 2 |" in stdout
+
+
+def test_throughput_smoke(llama, persrm, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": f"question {i} about the sea"} for i in range(3)]))
+    run(["benchmarks/throughput.py", "--model", llama, "--reward", persrm, "--prompts", str(prompts),
+         "--num-prompts", "3", "--max-tokens", "5", "--json", str(tmp_path / "t.json")], tmp_path)
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["identical_outputs"] == 3 and result["speedup"] > 0
