@@ -51,6 +51,7 @@ class ModelRunner:
             self.value_head = load_value_head(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
         self.pools = self._allocate_kv()
+        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and len(self.models) == 2 else None
         self.sample = pad_sample
         if cfg.kernels == "triton":
             self._use_triton()
@@ -98,7 +99,7 @@ class ModelRunner:
         streams = [[] for _ in self.models]
         for s in [r.base for r in reqs] + [s for _, s, _ in rewards]:
             streams[s.pool].append(s)
-        hidden = [self._forward(p, s, is_prefill) if s else None for p, s in enumerate(streams)]
+        hidden = self._forward_all(streams, is_prefill)
         base_logits = self.models[0].logits(hidden[0][:len(reqs)])
         tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)
         reward_logits, weight = None, torch.zeros(len(reqs), device=self.device)
@@ -114,6 +115,20 @@ class ModelRunner:
             tensor([x.temperature for x in p], torch.float32), tensor([r.seed for r in reqs], torch.long),
             tensor([len(r.output_ids) for r in reqs], torch.long))
         return tokens.tolist(), logprobs.tolist()
+
+    def _forward_all(self, streams: list[list[Sequence]], is_prefill: bool) -> list[torch.Tensor | None]:
+        """Each model's forward over its streams. On CUDA with two models, the reward model runs on a side
+        stream, forked from and joined to the main one, so a small reward model hides behind a large base."""
+        if self.side_stream is None or not all(streams):
+            return [self._forward(p, s, is_prefill) if s else None for p, s in enumerate(streams)]
+        main = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(main)
+        with torch.cuda.stream(self.side_stream):
+            reward = self._forward(1, streams[1], is_prefill)
+        base = self._forward(0, streams[0], is_prefill)
+        main.wait_stream(self.side_stream)
+        reward.record_stream(main)
+        return [base, reward]
 
     def _forward(self, pool: int, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Hidden state of the last token of each sequence, [len(seqs), hidden]."""
