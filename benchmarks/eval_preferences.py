@@ -174,7 +174,8 @@ def main() -> None:
     tokens = sum(len(o.token_ids) for o in outs)
     header = (f"# Preference adherence: SmolLM2-135M-Instruct guiding itself\n\n{len(prompts)} P-Soups prompts, "
               f"max {args.max_tokens} new tokens, top_k 10, {args.dtype}; {len(reqs)} generations, {tokens} "
-              f"tokens in {elapsed / 60:.1f} min. Cells: adherence (mean words).\n")
+              f"tokens in {elapsed / 60:.1f} min. Cells: adherence (mean words).\n\n"
+              f"`python benchmarks/eval_preferences.py {' '.join(sys.argv[1:])}`\n")
     md = header + table(rows)
     open(os.path.join(args.out_dir, "eval_preferences.md"), "w").write(md)
     samples = [dict(condition={k: v for k, v in c.items()}, prompt=q, text=o.text)

@@ -20,12 +20,12 @@ def dense(q, k, v, q_pos, window, scale):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("decode", [True, False])
-def test_paged_attention_matches_dense(dtype, tol, window, decode):
+@pytest.mark.parametrize("num_decode", [4, 0, 2])      # all decode, all prefill, mixed (decode rows first)
+def test_paged_attention_matches_dense(dtype, tol, window, num_decode):
     torch.manual_seed(0)
     bs, heads, kv_heads, dim, blocks = 4, 6, 2, 16, 40
     lens = [13, 1, 22, 8]
-    cached = [12, 0, 9, 5] if not decode else [n - 1 for n in lens]     # prefill: a cached prefix, or none
+    cached = [n - 1 for n in lens[:num_decode]] + [12, 0, 9, 5][num_decode:]   # prefill: a cached prefix or none
     k_cache = torch.randn(blocks, bs, kv_heads, dim).to(dtype)
     v_cache = torch.randn(blocks, bs, kv_heads, dim).to(dtype)
     perm, tables, start = torch.randperm(blocks).tolist(), [], 0
@@ -41,7 +41,7 @@ def test_paged_attention_matches_dense(dtype, tol, window, decode):
     q = torch.randn(len(pos), heads, dim).to(dtype)
     k_new, v_new = torch.randn(len(pos), kv_heads, dim).to(dtype), torch.randn(len(pos), kv_heads, dim).to(dtype)
     write_kv(k_cache, v_cache, k_new, v_new, slots)
-    batch = AttnBatch(not decode, slots, table_t, torch.tensor(lens), q_lens, lens, window)
+    batch = AttnBatch(num_decode, slots, table_t, torch.tensor(lens), q_lens, lens, window)
     out = paged_attention(q, k_cache, v_cache, batch, scale=dim ** -0.5)
     start = 0
     for i, (n, nq) in enumerate(zip(lens, q_lens)):

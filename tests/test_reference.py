@@ -134,3 +134,22 @@ def test_batched_baseline_equals_one_at_a_time(llama, persrm, tokenizer):
     ref = HFPad.load(llama, persrm)
     batched = ref.generate_batch(base, [reward], [1.5], max_tokens=10, top_k=10)
     assert batched == [ref.generate(b, [(r, 1.5)], max_tokens=10, top_k=10) for b, r in zip(base, reward)]
+
+
+def test_requests_joining_a_running_batch_match_reference(llama, persrm, tokenizer):
+    """With room for 4 requests at a time, each step decodes the running ones and prefills newcomers in
+    the same forward pass."""
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=11)
+    engine = Engine(llama, persrm, block_size=4, max_num_seqs=4)
+    mixed_steps = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        decode, prefill = schedule()
+        mixed_steps.append(bool(decode) and bool(prefill))
+        return decode, prefill
+
+    engine.scheduler.schedule = spy
+    _, got = run(engine, base, reward, params)
+    assert any(mixed_steps)
+    assert got == reference(llama, persrm, base, reward, params)

@@ -34,7 +34,7 @@ def setup(context_lens, query_lens, block_size, heads, kv_heads, head_dim, dtype
     decode = all(q is None for q in query_lens)
     lens = [1] * len(context_lens) if decode else query_lens
     q = torch.randn(sum(lens), heads, head_dim, device=DEV).to(dtype)
-    batch = AttnBatch(not decode, torch.empty(0, dtype=torch.long, device=DEV), tables,
+    batch = AttnBatch(len(context_lens) if decode else 0, torch.empty(0, dtype=torch.long, device=DEV), tables,
                       torch.tensor(context_lens, device=DEV), lens, list(context_lens), window)
     return q, k_cache, v_cache, batch
 

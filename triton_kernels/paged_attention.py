@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from padengine.layers.attention import paged_attention as torch_paged_attention
+
 LOG2E = 1.4426950408889634
 MAX_PARTITIONS = 64     # bounds the combine kernel's tile
 NO_WINDOW = 1 << 30     # a window wider than any context, so full attention needs no branch
@@ -208,9 +210,15 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, conte
 
 def paged_attention(q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
     """Drop-in for the torch `paged_attention`: same arguments (an `AttnBatch`), same result."""
-    if not batch.is_prefill:
-        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
-                                      batch.window, max_context=max(batch.context_lens_cpu))
+    return torch_paged_attention(q, k_cache, v_cache, batch, scale, decode=_decode_part, prefill=_prefill_part)
+
+
+def _decode_part(q, k_cache, v_cache, batch, scale):
+    return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
+                                  batch.window, max_context=max(batch.context_lens_cpu))
+
+
+def _prefill_part(q, k_cache, v_cache, batch, scale):
     cu = torch.tensor([0, *accumulate(batch.query_lens)], dtype=torch.int32).to(q.device)
     return paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, cu, batch.context_lens,
                                    max(batch.query_lens), scale, batch.window)

@@ -85,10 +85,11 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Run one scheduler step; returns the requests that got a token in it (finished ones included)."""
-        reqs, is_prefill = self.scheduler.schedule()
+        decode, prefill = self.scheduler.schedule()
+        reqs = decode + prefill
         if not reqs:
             return []
-        tokens, logprobs = self.runner.run(reqs, is_prefill)
+        tokens, logprobs = self.runner.run(decode, prefill)
         for req, token, logprob in zip(reqs, tokens, logprobs):
             req.append(token, logprob)
             if req.is_finished:

@@ -93,13 +93,14 @@ class ModelRunner:
         return pools
 
     @torch.inference_mode()
-    def run(self, reqs: list[Request], is_prefill: bool) -> tuple[list[int], list[float]]:
-        """One step for `reqs`: the next token of each and its log-probability."""
+    def run(self, decode: list[Request], prefill: list[Request]) -> tuple[list[int], list[float]]:
+        """One step: the next token of each request (decode, then prefill) and its log-probability."""
+        reqs = decode + prefill
         rewards = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
         streams = [[] for _ in self.models]
         for s in [r.base for r in reqs] + [s for _, s, _ in rewards]:
             streams[s.pool].append(s)
-        hidden = self._forward_all(streams, is_prefill)
+        hidden = self._forward_all(streams, set(id(s) for r in prefill for s in r.streams))
         base_logits = self.models[0].logits(hidden[0][:len(reqs)])
         tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)
         reward_logits, weight = None, torch.zeros(len(reqs), device=self.device)
@@ -116,24 +117,29 @@ class ModelRunner:
             tensor([len(r.output_ids) for r in reqs], torch.long))
         return tokens.tolist(), logprobs.tolist()
 
-    def _forward_all(self, streams: list[list[Sequence]], is_prefill: bool) -> list[torch.Tensor | None]:
-        """Each model's forward over its streams. On CUDA with two models, the reward model runs on a side
-        stream, forked from and joined to the main one, so a small reward model hides behind a large base."""
+    def _forward_all(self, streams: list[list[Sequence]], prefilling: set[int]) -> list[torch.Tensor | None]:
+        """Each model's forward over its streams (`prefilling` holds the ids of streams being prefilled).
+        On CUDA with two models, the reward model runs on a side stream, forked from and joined to the
+        main one, so a small reward model hides behind a large base."""
         if self.side_stream is None or not all(streams):
-            return [self._forward(p, s, is_prefill) if s else None for p, s in enumerate(streams)]
+            return [self._forward(p, s, prefilling) if s else None for p, s in enumerate(streams)]
         main = torch.cuda.current_stream(self.device)
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
-            reward = self._forward(1, streams[1], is_prefill)
-        base = self._forward(0, streams[0], is_prefill)
+            reward = self._forward(1, streams[1], prefilling)
+        base = self._forward(0, streams[0], prefilling)
         main.wait_stream(self.side_stream)
         reward.record_stream(main)
         return [base, reward]
 
-    def _forward(self, pool: int, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Hidden state of the last token of each sequence, [len(seqs), hidden]."""
+    def _forward(self, pool: int, seqs: list[Sequence], prefilling: set[int]) -> torch.Tensor:
+        """Hidden state of the last token of each sequence, [len(seqs), hidden], in the order given.
+        Decoding sequences go first in the batch (attention batches them), prefilling ones after."""
+        order = sorted(range(len(seqs)), key=lambda i: id(seqs[i]) in prefilling)
+        seqs = [seqs[i] for i in order]
+        num_decode = sum(id(s) not in prefilling for s in seqs)
         bs = self.cfg.block_size
-        starts = [s.num_cached_tokens if is_prefill else len(s) - 1 for s in seqs]
+        starts = [len(s) - 1 if i < num_decode else s.num_cached_tokens for i, s in enumerate(seqs)]
         lens = [len(s) for s in seqs]
         ids = [t for s, a in zip(seqs, starts) for t in s.token_ids[a:]]
         positions = torch.tensor([p for a, n in zip(starts, lens) for p in range(a, n)], device=self.device)
@@ -144,8 +150,9 @@ class ModelRunner:
                               dtype=torch.long, device=self.device)
         slots = tables[owner, positions // bs] * bs + positions % bs
         query_lens = [n - a for a, n in zip(starts, lens)]
-        batch = AttnBatch(is_prefill, slots, tables, torch.tensor(lens, device=self.device), query_lens, lens,
+        batch = AttnBatch(num_decode, slots, tables, torch.tensor(lens, device=self.device), query_lens, lens,
                           self.models[pool].config.sliding_window)
         hidden = self.models[pool](torch.tensor(ids, device=self.device), positions, batch)
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        return hidden[last]
+        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=self.device)
+        return hidden[last][inverse]

@@ -1,10 +1,11 @@
 """Continuous batching: which requests run in the next step, and preemption when KV blocks run out.
 
-A step is either a prefill of newly admitted (or preempted and resumed) requests or one decode token
-for every running request. Admission is first come, first served, bounded by max_num_seqs,
-max_num_batched_tokens and free blocks in every pool a request needs. When a decode step cannot get a
-block, the most recently admitted request is preempted: its blocks are freed and it goes back to the
-front of the queue, to be recomputed later (its prefix blocks are usually still cached).
+A step decodes one token for every running request and, in the same forward pass, prefills requests
+admitted from the queue (new ones, or preempted ones resuming). Running requests come first: when one
+cannot get a block, the most recently admitted request is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed later (its prefix blocks are usually still cached).
+Admission is first come, first served, bounded by max_num_seqs, max_num_batched_tokens (decode tokens
+count too) and free blocks in every pool a request needs.
 """
 import logging
 import time
@@ -30,25 +31,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Request], bool]:
-        """The requests of the next step and whether it is a prefill."""
-        batch, tokens = [], 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            need = sum(len(s) for s in req.streams)
-            if (batch and tokens + need > self.max_num_batched_tokens) or not self._can_allocate(req):
-                break
-            self.waiting.popleft()
-            for s in req.streams:
-                self.pools[s.pool].allocate(s)
-            req.status = Status.RUNNING
-            req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or time.perf_counter()
-            req.metrics.num_cached_tokens = req.base.num_cached_tokens
-            self.running.append(req)
-            batch.append(req)
-            tokens += need
-        if batch:
-            return batch, True
+    def schedule(self) -> tuple[list[Request], list[Request]]:
+        """The next step: running requests that decode one token, then newly admitted ones to prefill.
+        Both kinds share one forward pass, so admitting work never stalls the running batch."""
+        decode = []
         while self.running:
             req = self.running.popleft()
             while not self._can_append(req):
@@ -60,9 +46,28 @@ class Scheduler:
             else:
                 for s in req.streams:
                     self.pools[s.pool].append_slot(s)
-                batch.append(req)
-        self.running.extend(batch)
-        return batch, False
+                decode.append(req)
+        self.running.extend(decode)
+        return decode, self._admit(tokens=len(decode))
+
+    def _admit(self, tokens: int) -> list[Request]:
+        """Waiting requests, first come first served, while sequences, tokens and blocks last."""
+        prefill = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            need = sum(len(s) for s in req.streams)
+            if (tokens and tokens + need > self.max_num_batched_tokens) or not self._can_allocate(req):
+                break
+            self.waiting.popleft()
+            for s in req.streams:
+                self.pools[s.pool].allocate(s)
+            req.status = Status.RUNNING
+            req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or time.perf_counter()
+            req.metrics.num_cached_tokens = req.base.num_cached_tokens
+            self.running.append(req)
+            prefill.append(req)
+            tokens += need
+        return prefill
 
     def preempt(self, req: Request) -> None:
         logger.debug("preempting request %d after %d tokens", req.request_id, len(req.output_ids))

@@ -1,9 +1,10 @@
 """Attention over the paged KV cache (torch reference backend, runs on CPU and CUDA).
 
 The cache of one layer is K and V of shape [num_blocks, block_size, kv_heads, head_dim]. A step's tokens
-are flattened over all sequences; `AttnBatch` says where each token's K/V goes (slot_mapping) and which
-blocks each sequence reads (block_tables). New K/V are written before attention reads, so sequences in
-one batch that share prefix-cached blocks see each other's freshly written entries.
+are flattened over all sequences, decoding sequences (one token each) first, then prefilling ones;
+`AttnBatch` says where each token's K/V goes (slot_mapping) and which blocks each sequence reads
+(block_tables). New K/V are written before attention reads, so sequences in one batch that share
+prefix-cached blocks see each other's freshly written entries.
 """
 from dataclasses import dataclass
 
@@ -13,13 +14,24 @@ import torch.nn.functional as F
 
 @dataclass
 class AttnBatch:
-    is_prefill: bool
+    num_decode: int                 # the first num_decode sequences decode one token; the rest prefill
     slot_mapping: torch.Tensor      # [T] flat cache slot of every new token
     block_tables: torch.Tensor      # [B, max_blocks] (padded with 0; padding is masked)
     context_lens: torch.Tensor      # [B] tokens in the cache after this step
-    query_lens: list[int]           # per sequence, tokens computed this step (prefill)
+    query_lens: list[int]           # per sequence, tokens computed this step
     context_lens_cpu: list[int]     # host copy, to slice without a device sync
     window: int | None = None       # sliding-window size, None for full attention
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_decode == 0
+
+    def part(self, decode: bool) -> "AttnBatch":
+        """The decoding or the prefilling sequences alone (slot_mapping is not needed after the write)."""
+        n = self.num_decode
+        cut = slice(None, n) if decode else slice(n, None)
+        return AttnBatch(len(self.query_lens[cut]) if decode else 0, self.slot_mapping, self.block_tables[cut],
+                         self.context_lens[cut], self.query_lens[cut], self.context_lens_cpu[cut], self.window)
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
@@ -36,11 +48,16 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return x.transpose(-3, -2)
 
 
-def paged_attention(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim] for the new tokens; returns [T, heads, head_dim]."""
-    if batch.is_prefill:
-        return _prefill(q, k_cache, v_cache, batch, scale)
-    return _decode(q, k_cache, v_cache, batch, scale)
+def paged_attention(q, k_cache, v_cache, batch: AttnBatch, scale: float, decode=None, prefill=None) -> torch.Tensor:
+    """q: [T, heads, head_dim] for the new tokens; returns [T, heads, head_dim]. Decoding sequences are
+    attended as one batch, prefilling ones by `prefill`; another backend passes its own two halves."""
+    decode, prefill = decode or _decode, prefill or _prefill
+    n, parts = batch.num_decode, []
+    if n:
+        parts.append(decode(q[:n], k_cache, v_cache, batch.part(decode=True), scale))
+    if n < len(batch.query_lens):
+        parts.append(prefill(q[n:], k_cache, v_cache, batch.part(decode=False), scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _decode(q, k_cache, v_cache, batch, scale):
