@@ -26,6 +26,7 @@ class SamplingParams:
         require_finite(self.weight, f"{field}.weight")
         if self.seed is not None:
             require_int(self.seed, f"{field}.seed")
+            require(-2**63 <= self.seed < 2**63, f"{field}.seed", "must fit in 64 bits")
         for t in self.stop_token_ids or []:
             require_int(t, f"{field}.stop_token_ids")
             require(0 <= t < vocab_size, f"{field}.stop_token_ids", f"token id {t} is outside [0, {vocab_size})")

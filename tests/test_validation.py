@@ -35,6 +35,7 @@ def copy_model(src, tmp_path, name="model"):
     (dict(prompts=["a"], params=SamplingParams(temperature=float("inf"))), "params.temperature"),
     (dict(prompts=["a"], params=SamplingParams(weight=float("nan"))), "params.weight"),
     (dict(prompts=["a"], params=SamplingParams(weight=float("-inf"))), "params.weight"),
+    (dict(prompts=["a"], params=SamplingParams(seed=2**64)), "params.seed"),
     (dict(prompts=["a", "b"], params=[SamplingParams(), SamplingParams(max_tokens=-3)]), "params[1].max_tokens"),
     (dict(prompts=["a", "b"], params=[SamplingParams()]), "params"),
     (dict(prompts=["a", "b"], preferences=["x"]), "preferences"),
