@@ -58,7 +58,8 @@ def generate(args) -> None:
     if not prompts:
         raise InvalidInput("prompts", "give prompts as arguments or --input FILE")
     engine = make_engine(args)
-    outs = engine.generate(prompts, sampling(args), preferences=prefs, use_tqdm=True)
+    params = [sampling(args) if pref is not None else sampling(args, weight=0.0) for pref in prefs]
+    outs = engine.generate(prompts, params, preferences=prefs, use_tqdm=True)
     sink = open(args.output, "w") if args.output else sys.stdout
     for prompt, pref, out in zip(prompts, prefs, outs):
         m = out.metrics
@@ -113,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
-    def pad_flags(c, preference=None, weight=1.0, max_tokens=128):
+    def pad_flags(c, preference=None, weight=0.8, max_tokens=128):
         c.add_argument("--preference", default=preference, help="the user's preference text")
         c.add_argument("--weight", type=float, default=weight, help="PAD weight w (0: no guidance)")
         c.add_argument("--top-k", type=int, default=10, help="base candidates per step (0: whole vocabulary)")

@@ -21,7 +21,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None       # blocks in each model's pool
     kv_cache_bytes: int | None = None      # or: a byte budget for all pools together
     max_num_seqs: int = 64                 # requests running at once
-    max_num_batched_tokens: int | None = None  # prefill tokens per step (default: max(8192, 2 * max_model_len))
+    max_num_batched_tokens: int | None = None  # tokens per step, decode and prefill (default: max(8192, 2 * max_model_len))
     max_model_len: int | None = None       # prompt + generated tokens (default: the models' limit)
     seed: int = 0                          # seeds requests that carry none
     kernels: str = "torch"                 # "torch" (reference) or "triton" (fused sampler, paged attention)

@@ -31,7 +31,3 @@ class SamplingParams:
             require_int(t, f"{field}.stop_token_ids")
             require(0 <= t < vocab_size, f"{field}.stop_token_ids", f"token id {t} is outside [0, {vocab_size})")
 
-    @property
-    def guided(self) -> bool:
-        return self.weight != 0
-

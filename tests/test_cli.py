@@ -33,7 +33,7 @@ def test_generate_jsonl(llama, persrm, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["generate", "--model", "/no/such/model", "hi"], "base_model: model folder '/no/such/model' does not exist"),
-    (["generate", "hi", "--max-tokens", "0"], "params.max_tokens"),
+    (["generate", "hi", "--max-tokens", "0"], "max_tokens: must be at least 1"),
     (["generate", "--input", "/no/such/file.jsonl"], "No such file"),
     (["generate"], "prompts"),
 ])

@@ -153,3 +153,21 @@ def test_requests_joining_a_running_batch_match_reference(llama, persrm, tokeniz
     _, got = run(engine, base, reward, params)
     assert any(mixed_steps)
     assert got == reference(llama, persrm, base, reward, params)
+
+
+def test_failed_step_leaves_no_uncomputed_blocks_in_the_prefix_cache(llama, persrm, tokenizer, monkeypatch):
+    base, reward, params = random_batch(len(tokenizer), n=4, seed=12, shared_prefix=24)
+    engine = Engine(llama, persrm, block_size=4)
+    run_step = engine.runner.run
+
+    def fail(decode, prefill):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "run", fail)
+    with pytest.raises(RuntimeError):
+        run(engine, base, reward, params)
+    monkeypatch.setattr(engine.runner, "run", run_step)
+    outs, got = run(engine, base, reward, params)
+    assert got == reference(llama, persrm, base, reward, params)
+    assert outs[0].metrics.num_cached_tokens == 0 and outs[0].metrics.num_prompt_tokens == len(base[0])
+    assert all(p.num_used == 0 for p in engine.runner.pools)

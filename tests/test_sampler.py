@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from padengine import Engine, SamplingParams
-from padengine.layers.sampler import gumbel_noise, pad_sample
+from padengine.layers.sampler import gumbel_from_hash, gumbel_noise, pad_sample
 
 
 def rule(zb_row, zr_row, k, w):
@@ -64,6 +64,11 @@ def test_sampling_frequencies_follow_softmax(top_k, weight, temperature):
     dof = len(obs) - 1
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2)))
     assert p_value > 1e-3, f"chi2={chi2:.1f} dof={dof} p={p_value:.2e}"
+
+
+def test_noise_is_finite_at_the_extreme_hashes():
+    noise = gumbel_from_hash(torch.tensor([0, 1, 511, 512, 0xFFFFFE00, 0xFFFFFFFF]))
+    assert torch.isfinite(noise).all() and noise[0] < noise[-1]
 
 
 def test_noise_is_keyed_by_seed_position_and_token():

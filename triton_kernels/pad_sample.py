@@ -42,7 +42,7 @@ def _gumbel(seed_ptr, pos_ptr, row, tok):
     seed = tl.load(seed_ptr + row)
     key = _mix32(seed.to(tl.uint32) ^ _mix32((seed >> 32).to(tl.uint32)))
     key = _mix32(key + tl.load(pos_ptr + row).to(tl.uint32))
-    u = ((_mix32(key ^ tok.to(tl.uint32)) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216)
+    u = ((_mix32(key ^ tok.to(tl.uint32)) >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608)
     return -tl.log(-tl.log(u))
 
 

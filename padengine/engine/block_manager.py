@@ -76,6 +76,15 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def forget(self, seq: Sequence) -> None:
+        """Drop the cache entries of seq's freshly allocated blocks: `allocate` hashes full blocks before
+        their KV is computed, so a step that fails must not leave them for later requests to reuse."""
+        for block_id in seq.block_table[seq.num_cached_tokens // self.block_size:]:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.tokens = None, []
+
     def needs_block(self, seq: Sequence) -> bool:
         """Whether the next step (which writes the KV of seq's last token) needs a new block."""
         return len(seq) > len(seq.block_table) * self.block_size

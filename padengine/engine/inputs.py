@@ -97,7 +97,9 @@ class InputProcessor:
         seed = params.seed if params.seed is not None else hash((self.seed, rid)) & 0xFFFFFFFFFFFF
         stop = set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_ids)
         streams = [Sequence(base_ids, 0)] + [Sequence(ids, self.reward_pool) for ids, _ in rewards]
-        return Request(rid, params, seed, stop, streams, [w for _, w in rewards])
+        req = Request(rid, params, seed, stop, streams, [w for _, w in rewards])
+        req.metrics.num_prompt_tokens = len(base_ids)
+        return req
 
 
 def _preference_pairs(preference, weight: float, field: str) -> list[tuple[str, float]]:

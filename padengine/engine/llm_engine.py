@@ -89,7 +89,13 @@ class Engine:
         reqs = decode + prefill
         if not reqs:
             return []
-        tokens, logprobs = self.runner.run(decode, prefill)
+        try:
+            tokens, logprobs = self.runner.run(decode, prefill)
+        except BaseException:
+            for req in prefill:
+                for s in req.streams:
+                    self.runner.pools[s.pool].forget(s)
+            raise
         for req, token, logprob in zip(reqs, tokens, logprobs):
             req.append(token, logprob)
             if req.is_finished:

@@ -152,7 +152,9 @@ class ModelRunner:
         query_lens = [n - a for a, n in zip(starts, lens)]
         batch = AttnBatch(num_decode, slots, tables, torch.tensor(lens, device=self.device), query_lens, lens,
                           self.models[pool].config.sliding_window)
-        hidden = self.models[pool](torch.tensor(ids, device=self.device), positions, batch)
+        # every host-to-device copy before the forward: a copy after it would wait for it (on CUDA, and
+        # so keep the base forward from being launched while the reward forward runs on its side stream)
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=self.device)
+        hidden = self.models[pool](torch.tensor(ids, device=self.device), positions, batch)
         return hidden[last][inverse]

@@ -51,19 +51,21 @@ class Scheduler:
         return decode, self._admit(tokens=len(decode))
 
     def _admit(self, tokens: int) -> list[Request]:
-        """Waiting requests, first come first served, while sequences, tokens and blocks last."""
+        """Waiting requests, first come first served, while sequences, tokens and blocks last (one is
+        always admitted when blocks allow, so a long prompt never waits for the running batch to drain)."""
         prefill = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             need = sum(len(s) for s in req.streams)
-            if (tokens and tokens + need > self.max_num_batched_tokens) or not self._can_allocate(req):
+            if (prefill and tokens + need > self.max_num_batched_tokens) or not self._can_allocate(req):
                 break
             self.waiting.popleft()
             for s in req.streams:
                 self.pools[s.pool].allocate(s)
             req.status = Status.RUNNING
-            req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or time.perf_counter()
-            req.metrics.num_cached_tokens = req.base.num_cached_tokens
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.perf_counter()
+                req.metrics.num_cached_tokens = req.base.num_cached_tokens
             self.running.append(req)
             prefill.append(req)
             tokens += need

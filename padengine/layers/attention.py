@@ -22,10 +22,6 @@ class AttnBatch:
     context_lens_cpu: list[int]     # host copy, to slice without a device sync
     window: int | None = None       # sliding-window size, None for full attention
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.num_decode == 0
-
     def part(self, decode: bool) -> "AttnBatch":
         """The decoding or the prefilling sequences alone (slot_mapping is not needed after the write)."""
         n = self.num_decode
@@ -42,6 +38,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """K or V of one or more sequences as contiguous [..., kv_heads, length, head_dim]."""
+    block_table = block_table[..., :-(-length // cache.shape[1])]     # not the padding of longer sequences
     # index_select copies whole blocks; advanced indexing (cache[block_table]) is several times slower on CPU
     x = cache.index_select(0, block_table.flatten()).view(*block_table.shape, *cache.shape[1:])
     x = x.flatten(-4, -3)[..., :length, :, :]               # [..., tokens, kvh, hd]

@@ -25,8 +25,13 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, token_ids: torch.Te
     """Standard Gumbel noise [N, K] for token_ids [N, K], keyed by per-row seed and position [N]."""
     key = _mix32((seed.long() & MASK32) ^ _mix32((seed.long() >> 32) & MASK32))
     key = _mix32((key + position.long()) & MASK32)
-    h = _mix32((key[:, None] ^ token_ids.long()) & MASK32)
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))            # uniform in (0, 1), never 0 or 1
+    return gumbel_from_hash(_mix32((key[:, None] ^ token_ids.long()) & MASK32))
+
+
+def gumbel_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from 32-bit hashes: u in [2^-24, 1 - 2^-24] (23 bits, both ends exact in float32, so
+    the noise is always finite), then -log(-log(u))."""
+    u = ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(u))
 
 
@@ -55,7 +60,7 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     scaled = score / temp
-    noisy = scaled + gumbel_noise(seed, position, cand)
+    noisy = (scaled + gumbel_noise(seed, position, cand)).masked_fill(score == float("-inf"), float("-inf"))
     pick = torch.where(greedy, scaled.argmax(-1), noisy.argmax(-1))
     logprobs = torch.log_softmax(scaled, dim=-1).gather(1, pick[:, None]).squeeze(1)
     return cand.gather(1, pick[:, None]).squeeze(1), logprobs

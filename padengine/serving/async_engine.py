@@ -93,15 +93,15 @@ class AsyncEngine:
                 continue
             try:
                 advanced = self.engine.step()
+                self.stats.step(advanced)
             except Exception:                    # a bug must not hang every caller: fail them all
                 logger.exception("engine step failed; aborting all requests")
-                for stream in list(self._streams.values()):
-                    self.engine.abort(stream.req)
-                    self._send(stream)
-                continue
-            self.stats.step(advanced)
+                advanced = [s.req for s in self._streams.values()]
+                for req in advanced:
+                    self.engine.abort(req)
             for req in advanced:
-                self._send(self._streams[req.request_id])
+                if req.request_id in self._streams:
+                    self._send(self._streams[req.request_id])
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -117,11 +117,16 @@ class AsyncEngine:
                 self.stats.finish(req)
 
     def _send(self, stream: _Stream) -> None:
-        out = stream.detok.update(stream.req)
-        if out.finished:
+        try:
+            out = stream.detok.update(stream.req)
+            if out.text or out.token_ids or out.finished:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        except Exception:                        # e.g. the caller's event loop has closed: drop that caller
+            logger.exception("cannot deliver request %d; aborting it", stream.req.request_id)
+            out = None
+            self.engine.abort(stream.req)
+        if out is None or out.finished:
             if not stream.req.is_finished:       # a stop string ended it
                 self.engine.abort(stream.req, "stop")
             self._streams.pop(stream.req.request_id, None)
             self.stats.finish(stream.req)
-        if out.text or out.token_ids or out.finished:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)

@@ -37,7 +37,7 @@ class Stats:
 
     def tokens_per_s(self) -> float:
         now = time.perf_counter()
-        recent = [n for t, n in self.recent_steps if t >= now - WINDOW_S]
+        recent = [n for t, n in list(self.recent_steps) if t >= now - WINDOW_S]   # list(): one atomic copy
         return sum(recent) / WINDOW_S
 
     def render(self) -> str:
@@ -59,7 +59,7 @@ class Stats:
                [("", round(self.tokens_per_s(), 3))])
         metric("requests_finished_total", "counter", "Finished requests by reason.",
                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.finished.items())])
-        recent = sorted(self.ttft_recent)
+        recent = sorted(list(self.ttft_recent))
         quantiles = [(f'{{quantile="{q}"}}', recent[min(len(recent) - 1, int(q * len(recent)))])
                      for q in (0.5, 0.9, 0.99)] if recent else []
         metric("time_to_first_token_seconds", "summary", "Time from arrival to the first token.",

@@ -42,6 +42,9 @@ def build_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = 1 << 2
         return PlainTextResponse(engine.stats.render(), media_type="text/plain; version=0.0.4")
 
     async def complete(request: Request, chat: bool):
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > max_body_bytes:
+            return error(413, f"the request body is larger than {max_body_bytes} bytes", "body")
         body = await request.body()
         if len(body) > max_body_bytes:
             return error(413, f"the request body is larger than {max_body_bytes} bytes", "body")
