@@ -21,7 +21,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None       # blocks in each model's pool
     kv_cache_bytes: int | None = None      # or: a byte budget for all pools together
     max_num_seqs: int = 64                 # requests running at once
-    max_num_batched_tokens: int | None = None  # tokens per step, decode and prefill (default: max(8192, 2 * max_model_len))
+    max_num_batched_tokens: int | None = None  # tokens per step, decode and prefill
+                                               # (default: max(8192, 2 * max_model_len))
     max_model_len: int | None = None       # prompt + generated tokens (default: the models' limit)
     seed: int = 0                          # seeds requests that carry none
     kernels: str = "torch"                 # "torch" (reference) or "triton" (fused sampler, paged attention)
@@ -42,8 +43,9 @@ class EngineConfig:
                 "give num_kv_blocks or kv_cache_bytes, not both")
         require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
         require(self.kernels in ("torch", "triton"), "kernels", f"must be 'torch' or 'triton', got {self.kernels!r}")
-        require(self.kernels == "torch" or self.torch_device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
-                "kernels", "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
+        runnable = self.torch_device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        require(self.kernels == "torch" or runnable, "kernels",
+                "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -84,7 +84,8 @@ class _Stream:
     def step(self) -> torch.Tensor:
         kw = {}
         if self.padded:
-            kw = dict(attention_mask=self.mask, position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0)[:, -self.input.shape[1]:])
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -self.input.shape[1]:]
+            kw = dict(attention_mask=self.mask, position_ids=positions)
         if self.logits:
             return self.model(self.input, **self.cache, **kw, use_cache=True, logits_to_keep=1).logits[:, -1]
         return self.model.model(self.input, **self.cache, **kw, use_cache=True).last_hidden_state[:, -1]

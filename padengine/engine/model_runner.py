@@ -51,7 +51,8 @@ class ModelRunner:
             self.value_head = load_value_head(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
         self.pools = self._allocate_kv()
-        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and len(self.models) == 2 else None
+        two_on_cuda = self.device.type == "cuda" and len(self.models) == 2
+        self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
         self.sample = pad_sample
         if cfg.kernels == "triton":
             self._use_triton()

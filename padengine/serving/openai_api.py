@@ -133,7 +133,8 @@ def _messages(messages) -> list[dict]:
     require(isinstance(messages, list) and len(messages) > 0, "messages", "must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
-        ok = isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+        ok = (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+              and isinstance(m.get("content"), str))
         require(ok, f"messages[{i}]", "must be {'role': 'system'|'user'|'assistant', 'content': str}")
         out.append({"role": m["role"], "content": m["content"]})
     require(any(m["role"] == "user" for m in out), "messages", "needs at least one user message")
