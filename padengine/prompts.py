@@ -12,6 +12,11 @@ def user_message(prompt: str, preference: str | None) -> str:
     return prompt if preference is None else TEMPLATE.format(preference=preference, prompt=prompt)
 
 
+def base_preference(preferences: list[tuple[str, float]], in_base: bool) -> str | None:
+    """The preference text the base model sees: every preference pasted together, if it sees them."""
+    return " ".join(text for text, _ in preferences) if preferences and in_base else None
+
+
 def with_preference(messages: list[dict], preference: str | None) -> list[dict]:
     """A chat with the PAD wording around its last user message."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)

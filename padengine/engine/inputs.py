@@ -9,7 +9,7 @@ from itertools import count
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Request, Sequence
 from padengine.errors import InvalidInput, require, require_finite
-from padengine.prompts import encode, user_message
+from padengine.prompts import base_preference, encode, user_message
 from padengine.sampling_params import SamplingParams
 
 
@@ -50,8 +50,7 @@ class InputProcessor:
     def _from_text(self, prompt, preference, params: SamplingParams, i: int):
         require(isinstance(prompt, str) and prompt.strip() != "", f"prompts[{i}]", "prompt is empty")
         prefs = _preference_pairs(preference, params.weight, f"preferences[{i}]")
-        in_base = " ".join(text for text, _ in prefs) if prefs and params.preference_in_base else None
-        base_ids = encode(self.tokenizer, user_message(prompt, in_base))
+        base_ids = encode(self.tokenizer, user_message(prompt, base_preference(prefs, params.preference_in_base)))
         rewards = [(encode(self.reward_tokenizer, user_message(prompt, text)), w) for text, w in prefs]
         return base_ids, rewards or [(encode(self.reward_tokenizer, user_message(prompt, None)), params.weight)]
 

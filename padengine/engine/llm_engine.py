@@ -69,11 +69,16 @@ class Engine:
         detok = {r.request_id: IncrementalDetokenizer(self.tokenizer, stop) for r in reqs}
         index = {r.request_id: i for i, r in enumerate(reqs)}
         for req in self._drive(reqs):
-            out = detok[req.request_id].update(req, index[req.request_id])
-            if out.finished and not req.is_finished:
-                self.abort(req, "stop")           # a stop string ended it
+            out = self.stream_output(detok[req.request_id], req, index[req.request_id])
             if out.text or out.token_ids or out.finished:
                 yield out
+
+    def stream_output(self, detok: IncrementalDetokenizer, req: Request, index: int = 0) -> StreamOutput:
+        """req's new text and tokens since the last call; a stop string found in the text ends it here."""
+        out = detok.update(req, index)
+        if out.finished and not req.is_finished:
+            self.abort(req, "stop")
+        return out
 
     def add_requests(self, prompts=None, params=None, preferences=None, prompt_token_ids=None,
                      reward_prompt_token_ids=None) -> list[Request]:

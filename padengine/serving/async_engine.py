@@ -118,7 +118,7 @@ class AsyncEngine:
 
     def _send(self, stream: _Stream) -> None:
         try:
-            out = stream.detok.update(stream.req)
+            out = self.engine.stream_output(stream.detok, stream.req)
             if out.text or out.token_ids or out.finished:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
         except Exception:                        # e.g. the caller's event loop has closed: drop that caller
@@ -126,7 +126,5 @@ class AsyncEngine:
             out = None
             self.engine.abort(stream.req)
         if out is None or out.finished:
-            if not stream.req.is_finished:       # a stop string ended it
-                self.engine.abort(stream.req, "stop")
             self._streams.pop(stream.req.request_id, None)
             self.stats.finish(stream.req)

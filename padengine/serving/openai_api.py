@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from padengine.errors import InvalidInput, require, require_finite, require_int
-from padengine.prompts import encode, user_message, with_preference
+from padengine.prompts import base_preference, encode, user_message, with_preference
 from padengine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
@@ -37,9 +37,9 @@ def parse(body, chat: bool, model_name: str, tokenizer, reward_tokenizer, max_mo
     require(_get(body, "n", int, 1) == 1, "n", "only n = 1 is supported")
     preferences = _preferences(body.get("preference"), _number(body, "pad_weight", SamplingParams.weight))
     in_base = _get(body, "preference_in_base", bool, True)
+    base_text = base_preference(preferences, in_base)
     if chat:
         messages = _messages(body.get("messages"))
-        base_text = " ".join(t for t, _ in preferences) if preferences and in_base else None
         base_ids = encode(tokenizer, with_preference(messages, base_text))
         rewards = [(encode(reward_tokenizer, with_preference(messages, t)), w) for t, w in preferences]
     else:
@@ -47,7 +47,6 @@ def parse(body, chat: bool, model_name: str, tokenizer, reward_tokenizer, max_mo
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         require(isinstance(prompt, str) and prompt != "", "prompt", "must be a non-empty string")
-        base_text = " ".join(t for t, _ in preferences) if preferences and in_base else None
         base_ids = tokenizer.encode(user_message(prompt, base_text))
         rewards = [(reward_tokenizer.encode(user_message(prompt, t)), w) for t, w in preferences]
     field = "messages" if chat else "prompt"
