@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.baselines.hf_pad import HFPad  # noqa: E402
 from padengine import Engine, SamplingParams  # noqa: E402
-from padengine.models.llama import CausalLM  # noqa: E402
+from padengine.models.llama import CausalLM, ModelConfig  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -109,20 +109,42 @@ def random_model(path, cfg, max_len, dtype, device, field):
     return model.eval()
 
 
-def engine_for(folder, reward: bool, device, kernels, batch) -> Engine:
+def engine_for(folder, reward: bool, device, kernels, batch, graphs=None) -> Engine:
     with mock.patch("padengine.engine.model_runner.load_model", random_model), \
             mock.patch("padengine.engine.llm_engine.load_tokenizer", lambda *a: _Tokenizer()), \
             mock.patch("padengine.engine.llm_engine.eos_token_ids", lambda *a: set()):
         reward_folder = os.path.join(folder, "reward") if reward else None
         return Engine(os.path.join(folder, "base"), reward_folder, device=device, dtype="bfloat16",
-                      max_model_len=PROMPT_LEN + 160, max_num_seqs=max(batch, 1), kernels=kernels)
+                      max_model_len=PROMPT_LEN + 160, max_num_seqs=max(batch, 1), kernels=kernels,
+                      cuda_graphs=graphs)
+
+
+def model_bytes(hf_config) -> int:
+    """Bytes of one bf16 model's weights, tied embeddings counted once (as the issue's floor counts them)."""
+    cfg = ModelConfig.from_hf(hf_config)
+    with torch.device("meta"):
+        model = CausalLM(cfg, 8)
+    tied = model.lm_head.weight.numel() if cfg.tie_word_embeddings else 0
+    return 2 * (sum(p.numel() for p in model.parameters()) - tied)
 
 
 def ms_per_step(engine, prompts, max_tokens) -> float:
-    engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    outs = engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=max_tokens, weight=1.0,
-                                                                           ignore_eos=True))
+    """Mean time per output token after a warm-up run of the same shape (which captures its graphs)."""
+    run = lambda n: engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=n, weight=1.0,
+                                                                                    ignore_eos=True))
+    run(4)
+    outs = run(max_tokens)
     return sum(o.metrics.time_per_output_token for o in outs) / len(outs) * 1e3
+
+
+def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, graphs=None) -> float:
+    engine = engine_for(folder, reward, device, kernels, batch, graphs)
+    ms = ms_per_step(engine, prompts, max_tokens)
+    del engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ms
 
 
 def hf_ms_per_step(shape_cfg, device, prompts, max_tokens) -> float:
@@ -157,22 +179,14 @@ def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches) -> list[d
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist() for _ in range(batch)]
-            engine = engine_for(folder, True, device, kernels, batch)
-            weight_bytes = sum(sum(p.numel() * p.element_size() for p in set(m.parameters())) for m in engine.runner.models)
-            pad_ms = ms_per_step(engine, prompts, max_tokens)
-            del engine
-            gc.collect()
-            alone = engine_for(folder, False, device, kernels, batch)
-            base_ms = ms_per_step(alone, prompts, max_tokens)
-            del alone
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            pad_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens)
+            eager_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, graphs=False)
+            base_ms = engine_ms(folder, False, device, kernels, batch, prompts, max_tokens)
             hf_ms = hf_ms_per_step(cfg, device, prompts, max_tokens)
             gc.collect()
-            floor = weight_bytes / bandwidth * 1e3
+            floor = 2 * model_bytes(cfg) / bandwidth * 1e3       # base and reward
             rows.append(dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
-                             base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor,
+                             eager_ms=eager_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor,
                              vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms))
     return rows
 
@@ -182,7 +196,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=list(SHAPES))
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--kernels", default="triton", choices=["torch", "triton"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "flash"])
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--json", help="write all numbers here")
     args = p.parse_args()
@@ -199,11 +213,13 @@ def main():
     for shape in args.shapes:
         result["end_to_end"] += end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels,
                                            BATCHES[shape])
-    print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | base alone ms/step "
-          "| transformers ms/step | transformers tok/s | floor ms | engine / floor | engine vs transformers |")
-    print("|---" * 10 + "|")
+    print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | without graphs ms/step "
+          "| base alone ms/step | transformers ms/step | transformers tok/s | floor ms | engine / floor "
+          "| engine vs transformers |")
+    print("|---" * 11 + "|")
     for r in result["end_to_end"]:
-        print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} | {r['base_alone_ms']:.2f} "
+        print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} | {r['eager_ms']:.2f} "
+              f"| {r['base_alone_ms']:.2f} "
               f"| {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x "
               f"| {r['vs_hf']:.1f}x |")
     if args.json:

@@ -1,4 +1,5 @@
 """Engine-wide settings, validated on construction."""
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,11 @@ from padengine.errors import require
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_BYTES = 2 << 30          # default KV budget on the CPU (both pools together)
 GPU_KV_FRACTION = 0.85          # default KV budget on CUDA: this share of the memory free after loading
+KERNELS = ("auto", "torch", "triton", "flash")
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 @dataclass
@@ -17,7 +23,7 @@ class EngineConfig:
     reward_model: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    block_size: int = 16
+    block_size: int | None = None          # tokens per KV block (default 16; 256 with flash-attn)
     num_kv_blocks: int | None = None       # blocks in each model's pool
     kv_cache_bytes: int | None = None      # or: a byte budget for all pools together
     max_num_seqs: int = 64                 # requests running at once
@@ -25,7 +31,11 @@ class EngineConfig:
                                                # (default: max(8192, 2 * max_model_len))
     max_model_len: int | None = None       # prompt + generated tokens (default: the models' limit)
     seed: int = 0                          # seeds requests that carry none
-    kernels: str = "torch"                 # "torch" (reference) or "triton" (fused sampler, paged attention)
+    kernels: str = "auto"                  # "torch" (the reference), "triton" (fused sampler, paged
+                                           # attention) or "flash" (Triton, with flash-attn's attention);
+                                           # auto: flash on CUDA if flash_attn imports, else triton; torch on CPU
+    cuda_graphs: bool | None = None        # decode steps in CUDA graphs (default: on CUDA); True on the CPU
+                                           # runs the same padded static-buffer steps uncaptured (for tests)
 
     def __post_init__(self):
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -33,7 +43,15 @@ class EngineConfig:
             self.torch_device = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device: {e}") from e
-        require(self.torch_device.type != "cuda" or torch.cuda.is_available(), "device", "CUDA is not available")
+        cuda = self.torch_device.type == "cuda"
+        require(not cuda or torch.cuda.is_available(), "device", "CUDA is not available")
+        require(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.kernels == "auto":
+            self.kernels = ("flash" if flash_attn_available() else "triton") if cuda else "torch"
+        if self.block_size is None:
+            self.block_size = 256 if self.kernels == "flash" else 16
+        if self.cuda_graphs is None:
+            self.cuda_graphs = cuda
         for name in ("block_size", "max_num_seqs", "num_kv_blocks", "kv_cache_bytes", "max_model_len",
                      "max_num_batched_tokens"):
             value = getattr(self, name)
@@ -42,10 +60,14 @@ class EngineConfig:
         require(self.num_kv_blocks is None or self.kv_cache_bytes is None, "num_kv_blocks",
                 "give num_kv_blocks or kv_cache_bytes, not both")
         require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
-        require(self.kernels in ("torch", "triton"), "kernels", f"must be 'torch' or 'triton', got {self.kernels!r}")
-        runnable = self.torch_device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        require(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool or None, got {self.cuda_graphs!r}")
+        runnable = cuda or os.environ.get("TRITON_INTERPRET") == "1"
         require(self.kernels == "torch" or runnable, "kernels",
                 "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
+        require(self.kernels != "flash" or (cuda and flash_attn_available()), "kernels",
+                "'flash' needs a CUDA device and the flash_attn package")
+        require(self.kernels != "flash" or self.block_size % 256 == 0, "block_size",
+                f"flash-attn's paged KV cache needs a multiple of 256, got {self.block_size}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

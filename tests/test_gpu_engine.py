@@ -1,4 +1,7 @@
-"""The engine on CUDA (torch and Triton kernels) against the transformers reference on CUDA."""
+"""The engine on CUDA (torch, Triton and, when installed, flash-attn kernels; eager steps and captured
+CUDA graphs) against the transformers reference on CUDA."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -6,18 +9,25 @@ from padengine import Engine
 from tests.helpers import EOS, random_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+KERNELS = ["torch", "triton"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_cuda_float32_greedy_matches_reference(llama, persrm, tokenizer, kernels):
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_cuda_float32_greedy_matches_reference(llama, persrm, tokenizer, kernels, graphs):
     from benchmarks.baselines.hf_pad import HFPad
     torch.backends.cuda.matmul.allow_tf32 = False
     base, reward, params = random_batch(len(tokenizer), n=16, seed=10)
     ref = HFPad.load(llama, persrm, device="cuda")
     expected = [ref.generate(b, [(r, p.weight)], p.max_tokens, p.top_k, set() if p.ignore_eos else EOS)
                 for b, r, p in zip(base, reward, params)]
-    engine = Engine(llama, persrm, device="cuda", block_size=16, num_kv_blocks=24, kernels=kernels)
+    block_size = 256 if kernels == "flash" else 16
+    engine = Engine(llama, persrm, device="cuda", block_size=block_size, num_kv_blocks=24 * 16 // block_size + 2,
+                    kernels=kernels, cuda_graphs=graphs)
     outs = engine.generate(prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)
     assert [o.token_ids for o in outs] == expected
-    assert sum(o.metrics.num_preemptions for o in outs) > 0
-
+    if kernels != "flash":
+        assert sum(o.metrics.num_preemptions for o in outs) > 0
+    if graphs:
+        captured = engine.runner.graphs.graphs.values()
+        assert len(captured) > 1 and all(g.graph is not None for g in captured)

@@ -5,6 +5,8 @@ contexts. The interpreter's tl.dot multiplies bf16 bit patterns as integers (tri
 so bf16 attention is covered by the `gpu` tests only; fp32 and fp16 run everywhere.
 """
 import os
+from dataclasses import replace
+from itertools import accumulate
 
 import torch
 
@@ -34,8 +36,9 @@ def setup(context_lens, query_lens, block_size, heads, kv_heads, head_dim, dtype
     decode = all(q is None for q in query_lens)
     lens = [1] * len(context_lens) if decode else query_lens
     q = torch.randn(sum(lens), heads, head_dim, device=DEV).to(dtype)
+    cu = torch.tensor([0, *accumulate(lens)], dtype=torch.int32, device=DEV)
     batch = AttnBatch(len(context_lens) if decode else 0, torch.empty(0, dtype=torch.long, device=DEV), tables,
-                      torch.tensor(context_lens, device=DEV), lens, list(context_lens), window)
+                      torch.tensor(context_lens, device=DEV), lens, list(context_lens), window, cu)
     return q, k_cache, v_cache, batch
 
 
@@ -54,10 +57,14 @@ def close(out, expected):
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_decode_matches_torch(block_size, window, dtype):
     """GQA (8 query heads on 2 kv heads), one partition per sequence and split-K over partitions of 32
-    (up to 5 per sequence, merged by log-sum-exp)."""
+    (up to 5 per sequence, merged by log-sum-exp). Without host context lengths (as in a CUDA graph)
+    both backends size their work by the block tables' capacity and give the same result."""
     q, k_cache, v_cache, batch = setup([1, 37, 100, 130], [None] * 4, block_size, 8, 2, 32, dtype, window)
     expected = reference(q, k_cache, v_cache, batch)
     close(triton_kernels.paged_attention(q, k_cache, v_cache, batch, 32 ** -0.5), expected)
+    static = replace(batch, context_lens_cpu=None)
+    close(triton_kernels.paged_attention(q, k_cache, v_cache, static, 32 ** -0.5), expected)
+    close(reference(q, k_cache, v_cache, static), expected)
     split = triton_kernels.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
                                                   32 ** -0.5, window, partition_size=32)
     close(split, expected)

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from padengine.layers.sampler import MAX_FUSED_TOP_K as K_MAX
 from padengine.layers.sampler import pad_sample as torch_pad_sample
 
-K_MAX = 256             # largest top-k on the fused path
 MAX_CHUNKS = 32         # bounds the merge kernel's tile to MAX_CHUNKS * K_MAX entries
 MIN_CHUNK = 1024
 INT32_MIN = tl.constexpr(-2 ** 31)
@@ -179,11 +179,13 @@ def _warps(tile: int) -> int:
     return max(4, min(16, tile // 512))
 
 
-def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, out=None):
+def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, max_k=None, out=None):
     """Same contract as `padengine.layers.sampler.pad_sample`: base_logits [N, V] (bf16/fp16/fp32),
     reward_logits [N, >= V] or None, then per-row top_k, weight, temperature, seed, position [N].
     Returns (token_ids int64 [N], logprobs float32 [N]); token ids go into `out` when given.
-    Inside CUDA-graph capture, rows need top_k in [1, K_MAX], 0 or >= V (others are not checked)."""
+    `max_k` <= K_MAX (a host int bounding every row's k) tells that no row needs the torch fallback,
+    which spares the host sync of looking. Inside CUDA-graph capture, rows need top_k in [1, K_MAX], 0
+    or >= V (others are not checked)."""
     n, vocab = base_logits.shape
     dev = base_logits.device
     tokens = out if out is not None else torch.empty(n, dtype=torch.int64, device=dev)
@@ -210,7 +212,8 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     _merge_kernel[(n,)](vals, toks, reward, reward.stride(0), k, weight, temperature, seed, position,
                         tokens, logprobs, vocab, n_chunks, HAS_REWARD=has_reward, CHUNK=chunk, K_MAX=K_MAX,
                         CHUNKS_PAD=chunks_pad, num_warps=_warps(chunks_pad * K_MAX))
-    if vocab > K_MAX and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    maybe_wide = vocab > K_MAX and (max_k is None or max_k > K_MAX)
+    if maybe_wide and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         rows = torch.nonzero((k > K_MAX) & (k < vocab)).squeeze(1)
         if rows.numel():
             t, lp = torch_pad_sample(base_logits[rows], reward_logits[rows] if has_reward else None,

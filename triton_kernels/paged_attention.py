@@ -13,8 +13,6 @@ token p lives in block block_tables[seq, p // block_size], row p % block_size.
 
 Scores are kept in base 2 (scale folded with log2 e) so the softmax uses exp2.
 """
-from itertools import accumulate
-
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +31,23 @@ def _load_kv(ptr, bt_row, pos, valid, kv_head, s_blk, s_slot, s_head, d, D: tl.c
     blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     off = blk * s_blk + (pos % BLOCK_SIZE) * s_slot + kv_head * s_head
     return tl.load(ptr + off[:, None] + d[None, :], mask=valid[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_tile(q, k_ptr, v_ptr, bt_row, pos, valid, see, kv_head, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, d,
+                 m_i, l_i, acc, qk_scale, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step: fold the K/V tile at `pos` (loaded where `valid`, seen where `see`) into
+    the running max m_i, sum l_i and output acc of the query rows q."""
+    k = _load_kv(k_ptr, bt_row, pos, valid, kv_head, s_kb, s_ks, s_kh, d, D, BLOCK_SIZE)
+    s = tl.where(see, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row may see nothing in this tile and nothing yet (a window, or past its causal end)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = _load_kv(v_ptr, bt_row, pos, valid, kv_head, s_vb, s_vs, s_vh, d, D, BLOCK_SIZE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -62,16 +77,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, m_ptr, l_ptr, 
         for t0 in range(begin, end, TILE):
             pos = t0 + tl.arange(0, TILE)
             valid = pos < end
-            k = _load_kv(k_ptr, bt_row, pos, valid, kv_head, s_kb, s_ks, s_kh, d, D, BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))         # finite: every tile holds a valid position
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            v = _load_kv(v_ptr, bt_row, pos, valid, kv_head, s_vb, s_vs, s_vh, d, D, BLOCK_SIZE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, pos, valid, valid[None, :], kv_head, s_kb, s_ks,
+                                         s_kh, s_vb, s_vs, s_vh, d, m_i, l_i, acc, qk_scale, D, BLOCK_SIZE,
+                                         PRECISION)
         dmask = hmask[:, None] & (d < D)[None, :]
         if SPLIT:
             row = (seq * H + heads) * tl.num_programs(2) + part
@@ -131,19 +139,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, len_ptr, out_ptr, qk_sc
         for t0 in range(lo, hi, BLOCK_N):
             pos = t0 + tl.arange(0, BLOCK_N)
             valid = pos < hi
-            k = _load_kv(k_ptr, bt_row, pos, valid, kv_head, s_kb, s_ks, s_kh, d, D, BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             see = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(see, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row can see nothing in this tile and nothing yet (window, or past its causal end)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            v = _load_kv(v_ptr, bt_row, pos, valid, kv_head, s_vb, s_vs, s_vh, d, D, BLOCK_SIZE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, bt_row, pos, valid, see, kv_head, s_kb, s_ks, s_kh, s_vb,
+                                         s_vs, s_vh, d, m_i, l_i, acc, qk_scale, D, BLOCK_SIZE, PRECISION)
         out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + (q_start + rows)[:, None] * s_ot + head * s_oh + d[None, :], out, mask=dmask)
 
@@ -215,10 +213,9 @@ def paged_attention(q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
 
 def _decode_part(q, k_cache, v_cache, batch, scale):
     return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
-                                  batch.window, max_context=max(batch.context_lens_cpu))
+                                  batch.window, max_context=batch.max_context(k_cache.shape[1]))
 
 
 def _prefill_part(q, k_cache, v_cache, batch, scale):
-    cu = torch.tensor([0, *accumulate(batch.query_lens)], dtype=torch.int32).to(q.device)
-    return paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, cu, batch.context_lens,
+    return paged_prefill_attention(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens, batch.context_lens,
                                    max(batch.query_lens), scale, batch.window)

@@ -20,13 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, base_model: str, reward_model: str | None = None, *, device: str = "cpu",
-                 dtype: str = "float32", block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_bytes: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 max_num_batched_tokens: int | None = None, seed: int = 0, kernels: str = "torch"):
-        self.config = cfg = EngineConfig(base_model, reward_model, device, dtype, block_size, num_kv_blocks,
-                                         kv_cache_bytes, max_num_seqs, max_num_batched_tokens, max_model_len, seed,
-                                         kernels)
+    def __init__(self, base_model: str, reward_model: str | None = None, **kwargs):
+        """`kwargs` are the fields of `EngineConfig` (device, dtype, block_size, kernels, ...)."""
+        self.config = cfg = EngineConfig(base_model, reward_model, **kwargs)
         self.runner = ModelRunner(cfg)
         self.tokenizer = load_tokenizer(base_model, "base_model")
         self.reward_tokenizer = self.tokenizer
@@ -37,10 +33,10 @@ class Engine:
         self.eos_ids = eos_token_ids(base_model, self.tokenizer)
         self.max_model_len = self.runner.max_model_len
         batched = cfg.max_num_batched_tokens or max(8192, 2 * self.max_model_len)
-        self.scheduler = Scheduler(self.runner.pools, max_num_seqs, batched)
+        self.scheduler = Scheduler(self.runner.pools, cfg.max_num_seqs, batched)
         self.inputs = InputProcessor(self.tokenizer, self.reward_tokenizer, self.runner.vocab_size,
                                      self.max_model_len, self.eos_ids, self.runner.pools, self.runner.reward_pool,
-                                     seed)
+                                     cfg.seed)
 
     def generate(self, prompts: list[str] | None = None,
                  params: SamplingParams | list[SamplingParams] | None = None, *,

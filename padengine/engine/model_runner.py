@@ -12,9 +12,10 @@ import torch
 
 from padengine.config import CPU_KV_BYTES, GPU_KV_FRACTION, EngineConfig
 from padengine.engine.block_manager import BlockManager
-from padengine.engine.sequence import Request, Sequence
+from padengine.engine.cuda_graphs import DecodeGraphs
+from padengine.engine.sequence import Request
+from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, Uploader, layout_step
 from padengine.errors import require
-from padengine.layers.attention import AttnBatch
 from padengine.layers.sampler import merge_rewards, pad_sample
 from padengine.models.loader import load_config, load_model, load_value_head
 
@@ -50,19 +51,26 @@ class ModelRunner:
         if cfg.reward_model is not None:
             self.value_head = load_value_head(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
+        self.windows = [m.config.sliding_window for m in self.models]
         self.pools = self._allocate_kv()
         two_on_cuda = self.device.type == "cuda" and len(self.models) == 2
         self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
+        self.upload = Uploader(self.device)
         self.sample = pad_sample
-        if cfg.kernels == "triton":
-            self._use_triton()
+        if cfg.kernels != "torch":
+            self._use_kernels(cfg.kernels)
+        self.graphs = DecodeGraphs(self, cfg.max_num_seqs) if cfg.cuda_graphs else None
 
-    def _use_triton(self) -> None:
-        """Swap in the Triton kernels, which take the torch references' arguments one for one."""
+    def _use_kernels(self, kind: str) -> None:
+        """Swap in the Triton kernels (and flash-attn's attention for "flash"), which take the torch
+        references' arguments one for one."""
         import triton_kernels
+        attend = triton_kernels.paged_attention
+        if kind == "flash":
+            from padengine.layers.flash_attention import paged_attention as attend
         for model in self.models:
             for layer in model.model.layers:
-                layer.self_attn.store, layer.self_attn.attend = triton_kernels.write_kv, triton_kernels.paged_attention
+                layer.self_attn.store, layer.self_attn.attend = triton_kernels.write_kv, attend
         self.sample = triton_kernels.pad_sample
 
     def _allocate_kv(self) -> list[BlockManager]:
@@ -82,10 +90,11 @@ class ModelRunner:
             num_blocks = budget // sum(block_bytes)
             require(num_blocks >= 1, "kv_cache_bytes", f"{budget} bytes hold no block of {sum(block_bytes)} bytes")
         pools = []
+        self.sink = num_blocks      # one more block, owned by no sequence: padded graph rows write there
         for model, nbytes in zip(self.models, block_bytes):
             c = model.config
             # zeroed, not empty: masked-out padding still enters attention as 0 * V, and 0 * NaN is NaN
-            kv = torch.zeros(2, c.num_layers, num_blocks, bs, c.num_kv_heads, c.head_dim,
+            kv = torch.zeros(2, c.num_layers, num_blocks + 1, bs, c.num_kv_heads, c.head_dim,
                              dtype=cfg.torch_dtype, device=self.device)
             for i, layer in enumerate(model.model.layers):
                 layer.self_attn.k_cache, layer.self_attn.v_cache = kv[0, i], kv[1, i]
@@ -96,66 +105,53 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, decode: list[Request], prefill: list[Request]) -> tuple[list[int], list[float]]:
         """One step: the next token of each request (decode, then prefill) and its log-probability."""
-        reqs = decode + prefill
-        rewards = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
-        streams = [[] for _ in self.models]
-        for s in [r.base for r in reqs] + [s for _, s, _ in rewards]:
-            streams[s.pool].append(s)
-        hidden = self._forward_all(streams, set(id(s) for r in prefill for s in r.streams))
-        base_logits = self.models[0].logits(hidden[0][:len(reqs)])
-        tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)
-        reward_logits, weight = None, torch.zeros(len(reqs), device=self.device)
-        if rewards:
-            start = len(reqs) if self.reward_pool == 0 else 0
-            rows = self.models[self.reward_pool].logits(hidden[self.reward_pool][start:start + len(rewards)],
-                                                        self.value_head)
-            reward_logits, weight = merge_rewards(base_logits, rows, tensor([i for i, _, _ in rewards], torch.long),
-                                                  tensor([w for _, _, w in rewards], torch.float32))
-        p = [r.params for r in reqs]
-        tokens, logprobs = self.sample(
-            base_logits, reward_logits, tensor([x.top_k for x in p], torch.long), weight,
-            tensor([x.temperature for x in p], torch.float32), tensor([r.seed for r in reqs], torch.long),
-            tensor([len(r.output_ids) for r in reqs], torch.long))
-        return tokens.tolist(), logprobs.tolist()
+        n = len(decode) + len(prefill)
+        result = self.graphs.run(decode) if self.graphs is not None and not prefill else None
+        if result is None:
+            step = self.layout(decode, prefill)
+            ints = self.upload(step.fields.ints, torch.long)
+            floats = self.upload(step.fields.floats, torch.float32)
+            result = self.compute(step.inputs(ints, floats, self.windows, static=False))
+        tokens, logprobs = result
+        # one device-to-host copy for both (token ids are exact in float64)
+        host = torch.cat([tokens[:n].double(), logprobs[:n].double()]).tolist()
+        return [int(t) for t in host[:n]], host[n:]
 
-    def _forward_all(self, streams: list[list[Sequence]], prefilling: set[int]) -> list[torch.Tensor | None]:
-        """Each model's forward over its streams (`prefilling` holds the ids of streams being prefilled).
-        On CUDA with two models, the reward model runs on a side stream, forked from and joined to the
-        main one, so a small reward model hides behind a large base."""
-        if self.side_stream is None or not all(streams):
-            return [self._forward(p, s, prefilling) if s else None for p, s in enumerate(streams)]
+    def layout(self, decode: list[Request], prefill: list[Request], pad_to=None, width=None) -> StepLayout:
+        return layout_step(decode, prefill, self.reward_pool, self.cfg.block_size, self.sink, self.vocab_size,
+                           pad_to, width)
+
+    def compute(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on the device: forwards, LM heads, reward merge and sampler. Nothing here waits on the
+        host, so a CUDA graph can capture it for a decode step."""
+        hidden = self._forward_all(x.models)
+        base_logits = self.models[0].logits(hidden[0][:x.num_rows])
+        t = x.tensors
+        reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)
+        if x.num_rewards:
+            pool = self.reward_pool
+            rows = self.models[pool].logits(hidden[pool][x.reward_start:x.reward_start + x.num_rewards],
+                                            self.value_head)
+            reward_logits, weight = merge_rewards(base_logits, rows, t["owner"], t["weights"])
+        return self.sample(base_logits, reward_logits, t["top_k"], weight, t["temperature"], t["seed"],
+                           t["position"], max_k=x.max_k)
+
+    def _forward_all(self, models: list[ModelInputs | None]) -> list[torch.Tensor | None]:
+        """Each model's hidden states at its streams' last tokens. On CUDA with two models, the reward
+        model runs on a side stream, forked from and joined to the main one, so a small reward model
+        hides behind a large base."""
+        if self.side_stream is None or not all(models):
+            return [self._forward(m, x) if x else None for m, x in enumerate(models)]
         main = torch.cuda.current_stream(self.device)
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
-            reward = self._forward(1, streams[1], prefilling)
-        base = self._forward(0, streams[0], prefilling)
+            reward = self._forward(1, models[1])
+        base = self._forward(0, models[0])
         main.wait_stream(self.side_stream)
-        reward.record_stream(main)
+        if not torch.cuda.is_current_stream_capturing():
+            reward.record_stream(main)
         return [base, reward]
 
-    def _forward(self, pool: int, seqs: list[Sequence], prefilling: set[int]) -> torch.Tensor:
-        """Hidden state of the last token of each sequence, [len(seqs), hidden], in the order given.
-        Decoding sequences go first in the batch (attention batches them), prefilling ones after."""
-        order = sorted(range(len(seqs)), key=lambda i: id(seqs[i]) in prefilling)
-        seqs = [seqs[i] for i in order]
-        num_decode = sum(id(s) not in prefilling for s in seqs)
-        bs = self.cfg.block_size
-        starts = [len(s) - 1 if i < num_decode else s.num_cached_tokens for i, s in enumerate(seqs)]
-        lens = [len(s) for s in seqs]
-        ids = [t for s, a in zip(seqs, starts) for t in s.token_ids[a:]]
-        positions = torch.tensor([p for a, n in zip(starts, lens) for p in range(a, n)], device=self.device)
-        owner = torch.tensor([i for i, (a, n) in enumerate(zip(starts, lens)) for _ in range(a, n)],
-                             device=self.device)
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                              dtype=torch.long, device=self.device)
-        slots = tables[owner, positions // bs] * bs + positions % bs
-        query_lens = [n - a for a, n in zip(starts, lens)]
-        batch = AttnBatch(num_decode, slots, tables, torch.tensor(lens, device=self.device), query_lens, lens,
-                          self.models[pool].config.sliding_window)
-        # every host-to-device copy before the forward: a copy after it would wait for it (on CUDA, and
-        # so keep the base forward from being launched while the reward forward runs on its side stream)
-        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=self.device)
-        hidden = self.models[pool](torch.tensor(ids, device=self.device), positions, batch)
-        return hidden[last][inverse]
+    def _forward(self, m: int, x: ModelInputs) -> torch.Tensor:
+        hidden = self.models[m](x.input_ids, x.positions, x.batch)
+        return hidden if x.pick is None else hidden[x.pick]

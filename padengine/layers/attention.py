@@ -19,15 +19,25 @@ class AttnBatch:
     block_tables: torch.Tensor      # [B, max_blocks] (padded with 0; padding is masked)
     context_lens: torch.Tensor      # [B] tokens in the cache after this step
     query_lens: list[int]           # per sequence, tokens computed this step
-    context_lens_cpu: list[int]     # host copy, to slice without a device sync
+    context_lens_cpu: list[int] | None  # host copy, to size work without a device sync; None inside a
+                                        # CUDA graph, where the block tables' width bounds the context
     window: int | None = None       # sliding-window size, None for full attention
+    cu_seqlens: torch.Tensor | None = None  # [P + 1] query offsets of the prefilling sequences (from q[num_decode])
 
     def part(self, decode: bool) -> "AttnBatch":
         """The decoding or the prefilling sequences alone (slot_mapping is not needed after the write)."""
         n = self.num_decode
         cut = slice(None, n) if decode else slice(n, None)
+        lens = None if self.context_lens_cpu is None else self.context_lens_cpu[cut]
         return AttnBatch(len(self.query_lens[cut]) if decode else 0, self.slot_mapping, self.block_tables[cut],
-                         self.context_lens[cut], self.query_lens[cut], self.context_lens_cpu[cut], self.window)
+                         self.context_lens[cut], self.query_lens[cut], lens, self.window,
+                         None if decode else self.cu_seqlens)
+
+    def max_context(self, block_size: int) -> int:
+        """The longest context, from the host copy or else the block tables' capacity."""
+        if self.context_lens_cpu is None:
+            return self.block_tables.shape[1] * block_size
+        return max(self.context_lens_cpu)
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
@@ -58,7 +68,7 @@ def paged_attention(q, k_cache, v_cache, batch: AttnBatch, scale: float, decode=
 
 
 def _decode(q, k_cache, v_cache, batch, scale):
-    max_len = max(batch.context_lens_cpu)
+    max_len = batch.max_context(k_cache.shape[1])
     k = gather_kv(k_cache, batch.block_tables, max_len)     # [B, kvh, S, hd]
     v = gather_kv(v_cache, batch.block_tables, max_len)
     mask = _mask(batch.context_lens - 1, torch.arange(max_len, device=q.device), batch.window)  # [B, S]

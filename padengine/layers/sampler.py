@@ -10,6 +10,7 @@ position of the token, never on the rest of the batch, and replays identically a
 import torch
 
 MASK32 = 0xFFFFFFFF
+MAX_FUSED_TOP_K = 256   # the largest top-k the fused Triton sampler handles itself (and a CUDA graph holds)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -35,12 +36,12 @@ def gumbel_from_hash(h: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def pad_scores(base_logits, reward_logits, top_k, weight):
-    """Candidate ids [N, K] (base top-k, K = the largest k of the batch) and their PAD scores
-    (-inf past a row's own k)."""
+def pad_scores(base_logits, reward_logits, top_k, weight, max_k=None):
+    """Candidate ids [N, K] (base top-k, K = max_k or else the largest k of the batch) and their PAD
+    scores (-inf past a row's own k)."""
     vocab = base_logits.shape[-1]
     k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
-    kmax = int(k.max())
+    kmax = min(max_k, vocab) if max_k is not None else int(k.max())    # int(): a host sync
     zb, cand = base_logits.float().topk(kmax, dim=-1)
     invalid = torch.arange(kmax, device=zb.device)[None, :] >= k[:, None]
     zb = zb.masked_fill(invalid, float("-inf"))
@@ -52,11 +53,12 @@ def pad_scores(base_logits, reward_logits, top_k, weight):
     return cand, score.masked_fill(invalid, float("-inf"))
 
 
-def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position):
+def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, max_k=None):
     """Pick one token per row. Every argument after reward_logits is a per-row tensor [N].
     reward_logits may be None (plain top-k decoding) and may be wider than the base vocabulary.
+    `max_k` (a host int, at least every row's effective k) spares a host sync, as in a CUDA graph.
     Returns (token_ids [N] int64, logprobs [N] float32: log softmax(score / T) of the choice, T=1 if 0)."""
-    cand, score = pad_scores(base_logits, reward_logits, top_k, weight)
+    cand, score = pad_scores(base_logits, reward_logits, top_k, weight, max_k)
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     scaled = score / temp
@@ -69,19 +71,21 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
 def merge_rewards(base_logits, reward_rows, owner, weights):
     """Fold several reward streams per row into the one reward row and weight that `pad_sample` takes.
 
-    reward_rows [R, V_r] belong to rows `owner` [R] with PAD weights `weights` [R]. A row with one stream
-    passes through unchanged (reward row as is, its weight). For J > 1 streams,
+    reward_rows [R, V_r] belong to rows `owner` [R] with PAD weights `weights` [R]; owner N (one past
+    the last row) marks a padding stream, which is dropped. A row with one stream passes through
+    unchanged (reward row as is, its weight). For J > 1 streams,
         sum_j w_j (log_softmax_C(z_j) - log_softmax_C(z_b))  and  log_softmax_C(z') - log_softmax_C(z_b)
     with z' = (1 - sum_j w_j) z_b + sum_j w_j z_j differ only by a per-row constant, which neither the
     argmax nor softmax(score / T) sees: such rows get reward z' and weight 1. Rows with no stream: weight 0.
+    No step waits on the host, so a CUDA graph can hold it.
     """
     n, vocab = base_logits.shape
-    multi = torch.bincount(owner, minlength=n) > 1
-    coef = torch.where(multi[owner], weights, torch.ones_like(weights))
+    per_row = lambda values: values.new_zeros(n + 1, *values.shape[1:]).index_add_(0, owner, values)
+    multi = per_row(torch.ones_like(weights)) > 1
+    multi_owner = multi[owner]
     rows = reward_rows.float()
-    merged = rows.new_zeros(n, rows.shape[1]).index_add_(0, owner, rows * coef[:, None])
-    single = torch.zeros(n, device=rows.device).index_add_(0, owner, torch.where(multi[owner], 0.0, weights))
-    if multi.any():
-        total = torch.zeros(n, device=rows.device).index_add_(0, owner, weights)
-        merged[multi, :vocab] += (1 - total[multi])[:, None] * base_logits[multi].float()
-    return merged, torch.where(multi, 1.0, single)
+    merged = per_row(rows * torch.where(multi_owner, weights, 1.0)[:, None])[:n]
+    single = per_row(torch.where(multi_owner, 0.0, weights))[:n]
+    base_share = torch.where(multi, 1 - per_row(weights), 0.0)[:n]
+    merged[:, :vocab] += base_share[:, None] * base_logits.float()    # + 0 leaves one-stream rows exact
+    return merged, torch.where(multi[:n], 1.0, single)

@@ -1,0 +1,89 @@
+"""Decode steps in CUDA graphs.
+
+A decode-only step is padded to a bucket of rows (requests) and of reward streams and laid out with
+block tables as wide as `max_model_len` needs. Per bucket, the runner's `compute` (both models' forwards
+on their two streams, both LM heads, the reward merge and the sampler) is captured once over static
+input buffers; a replay refills them with the step's two host-to-device copies, and the runner then
+makes its one device-to-host copy of the results. A bucket is captured on its first step, after an eager
+run of the same inputs that compiles the Triton kernels.
+
+Steps that do not fit run eagerly: any prefill, more rows than the largest bucket, or a row whose top-k
+lies between MAX_FUSED_TOP_K and the vocabulary (the fused sampler sends those to torch, which a graph
+cannot hold).
+
+On the CPU (`cuda_graphs=True`, for tests) there is nothing to capture: the same padded static-buffer
+step runs eagerly each time, which checks everything but the capture itself.
+"""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from padengine.engine.sequence import Request
+from padengine.engine.step_inputs import StepInputs
+from padengine.layers.sampler import MAX_FUSED_TOP_K
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass
+class Graph:
+    ints: torch.Tensor              # static inputs, refilled before each replay
+    floats: torch.Tensor
+    inputs: StepInputs              # views of ints and floats
+    tokens: torch.Tensor            # static outputs
+    logprobs: torch.Tensor
+    graph: "torch.cuda.CUDAGraph | None"
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_rows: int):
+        self.runner = runner
+        self.sizes = [b for b in BUCKETS if b < max_rows] + [max_rows]
+        self.width = -(-runner.max_model_len // runner.cfg.block_size)
+        self.graphs: dict[tuple, Graph] = {}
+        self.capture = runner.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def _bucket(self, n: int) -> int | None:
+        return next((b for b in self.sizes if b >= n), None)
+
+    def run(self, decode: list[Request]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's (token ids, log-probabilities) on the device, padded; None if it needs eager."""
+        vocab = self.runner.vocab_size
+        ks = [vocab if r.params.top_k <= 0 or r.params.top_k >= vocab else r.params.top_k for r in decode]
+        num_rewards = sum(len(r.rewards) for r in decode)
+        rows, reward_rows = self._bucket(len(decode)), self._bucket(num_rewards) if num_rewards else 0
+        if rows is None or reward_rows is None or any(MAX_FUSED_TOP_K < k < vocab for k in ks):
+            return None
+        step = self.runner.layout(decode, [], (rows, reward_rows), self.width)
+        step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab)    # one sampler width per graph
+        key = (rows, reward_rows, step.max_k)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(step)
+            return g.tokens, g.logprobs
+        self.runner.upload(step.fields.ints, torch.long, out=g.ints)
+        self.runner.upload(step.fields.floats, torch.float32, out=g.floats)
+        if g.graph is None:
+            g.tokens, g.logprobs = self.runner.compute(g.inputs)
+        else:
+            g.graph.replay()
+        return g.tokens, g.logprobs
+
+    def _capture(self, step) -> Graph:
+        r = self.runner
+        ints, floats = r.upload(step.fields.ints, torch.long), r.upload(step.fields.floats, torch.float32)
+        inputs = step.inputs(ints, floats, r.windows, static=True)
+        tokens, logprobs = r.compute(inputs)        # this step's result; on CUDA it also warms up
+        graph = None
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                tokens, logprobs = r.compute(inputs)
+            graph.replay()      # capture records without running: replay writes the same K/V again
+            logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d",
+                        step.num_rows, step.num_rewards, step.max_k)
+        return Graph(ints, floats, inputs, tokens, logprobs, graph)

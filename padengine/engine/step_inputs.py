@@ -1,0 +1,164 @@
+"""A step's device inputs: laid out on the host, uploaded in two copies, viewed as tensors on the device.
+
+Everything one step needs on the device (token ids, positions, KV slots, block tables and context
+lengths of each model's streams, which hidden rows to keep, the reward streams' owners and weights, the
+sampling parameters) is written on the host into one flat int64 list and one float32 list. Each goes to
+the device in a single copy (through a reused pinned staging buffer on CUDA) and is viewed there as the
+step's tensors, instead of a dozen small synchronous copies. A CUDA graph keeps one such pair as its
+static inputs; a replay refills them in place from a batch laid out the same way.
+
+`pad_to=(rows, reward_rows)` pads a decode-only step to a graph's shape with dummy streams: they write
+their K/V into the pool's sink block (which no sequence owns), read one token of it, and sample with
+weight 0; their results are dropped.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from padengine.engine.sequence import Request, Sequence
+from padengine.layers.attention import AttnBatch
+
+
+class Fields:
+    """Named fields in two flat host lists (int64 and float32); `views` cuts device copies into tensors."""
+
+    def __init__(self):
+        self.ints: list[int] = []
+        self.floats: list[float] = []
+        self.fields: list[tuple] = []
+
+    def add(self, name: str, values: list, shape: tuple | None = None, floating: bool = False) -> None:
+        buf = self.floats if floating else self.ints
+        self.fields.append((name, floating, len(buf), len(values), shape))
+        buf.extend(values)
+
+    def views(self, ints: torch.Tensor, floats: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, floating, start, size, shape in self.fields:
+            t = (floats if floating else ints)[start:start + size]
+            out[name] = t.view(shape) if shape else t
+        return out
+
+
+class Uploader:
+    """Host lists to device tensors, one copy each; on CUDA through pinned buffers reused every step
+    (safe: a step ends by reading its results, so the previous step's copies have completed)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.staging: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, values: list, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cpu":
+            return host if out is None else out.copy_(host)
+        staging = self.staging.get(dtype)
+        if staging is None or staging.numel() < host.numel():
+            staging = self.staging[dtype] = torch.empty(max(host.numel(), 4096) * 2, dtype=dtype, pin_memory=True)
+        staging[:host.numel()].copy_(host)
+        out = torch.empty(host.numel(), dtype=dtype, device=self.device) if out is None else out
+        return out.copy_(staging[:host.numel()], non_blocking=True)
+
+
+@dataclass
+class ModelInputs:
+    """One model's forward over its streams."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    batch: AttnBatch
+    pick: torch.Tensor | None      # rows of the forward's output that are its streams' last tokens, in
+                                   # stream order (None: one token per stream, already in order)
+
+
+@dataclass
+class StepInputs:
+    models: list[ModelInputs | None]
+    num_rows: int                  # sampler rows: the requests, then padding
+    reward_start: int              # first reward stream's row in the reward model's picked hidden
+    num_rewards: int
+    tensors: dict[str, torch.Tensor]   # top_k, temperature, seed, position [rows]; owner, weights [rewards]
+    max_k: int                     # the sampler's candidate width: the largest top-k, or the vocabulary
+
+
+@dataclass
+class StepLayout:
+    """A step laid out on the host: its fields and, per model, what attention needs on the host."""
+    fields: Fields
+    models: list[dict | None]
+    num_rows: int
+    reward_start: int
+    num_rewards: int
+    max_k: int
+
+    def inputs(self, ints: torch.Tensor, floats: torch.Tensor, windows: list[int | None],
+               static: bool) -> StepInputs:
+        """The device view, given the two uploaded lists. `static` (a graph's inputs): attention must
+        not read context lengths from the host, since a replay changes them."""
+        t = self.fields.views(ints, floats)
+        models = []
+        for m, h in enumerate(self.models):
+            if h is None:
+                models.append(None)
+                continue
+            batch = AttnBatch(h["num_decode"], t[f"slots{m}"], t[f"tables{m}"], t[f"context_lens{m}"],
+                              h["query_lens"], None if static else h["lens"], windows[m], t.get(f"cu_seqlens{m}"))
+            models.append(ModelInputs(t[f"ids{m}"], t[f"positions{m}"], batch, t.get(f"pick{m}")))
+        return StepInputs(models, self.num_rows, self.reward_start, self.num_rewards, t, self.max_k)
+
+
+def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int | None, block_size: int,
+                sink: int, vocab: int, pad_to: tuple[int, int] | None = None,
+                width: int | None = None) -> StepLayout:
+    """Lay out a step: requests decode first; `width` fixes the block tables' width (a graph's)."""
+    reqs = decode + prefill
+    rows, num_rewards = pad_to or (len(reqs), sum(len(r.rewards) for r in reqs))
+    owners = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
+    bases = [r.base for r in reqs] + [None] * (rows - len(reqs))
+    rewards = [s for _, s, _ in owners] + [None] * (num_rewards - len(owners))
+    streams = [bases + rewards] if reward_pool == 0 else [bases, rewards] if reward_pool == 1 else [bases]
+    prefilling = {id(s) for r in prefill for s in r.streams}
+    fields = Fields()
+    models = [_layout_model(fields, m, s, prefilling, block_size, sink, width) if s else None
+              for m, s in enumerate(streams)]
+    pad = rows - len(reqs)
+    p = [r.params for r in reqs]
+    fields.add("top_k", [x.top_k for x in p] + [1] * pad)
+    fields.add("seed", [r.seed for r in reqs] + [0] * pad)
+    fields.add("position", [len(r.output_ids) for r in reqs] + [0] * pad)
+    fields.add("temperature", [x.temperature for x in p] + [0.0] * pad, floating=True)
+    if num_rewards:
+        fields.add("owner", [i for i, _, _ in owners] + [rows] * (num_rewards - len(owners)))
+        fields.add("weights", [w for _, _, w in owners] + [0.0] * (num_rewards - len(owners)), floating=True)
+    ks = [vocab if x.top_k <= 0 or x.top_k >= vocab else x.top_k for x in p] or [1]
+    return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, max(ks))
+
+
+def _layout_model(fields: Fields, m: int, streams: list[Sequence | None], prefilling: set[int], bs: int,
+                  sink: int, width: int | None) -> dict:
+    """One model's fields; decoding streams (and padding, None) go first in its batch."""
+    order = sorted(range(len(streams)), key=lambda i: streams[i] is not None and id(streams[i]) in prefilling)
+    seqs = [streams[i] for i in order]
+    num_decode = sum(s is None or id(s) not in prefilling for s in seqs)
+    tables = [s.block_table if s is not None else [sink] for s in seqs]
+    width = width or max(len(t) for t in tables)
+    lens = [len(s) if s is not None else 1 for s in seqs]
+    starts = [n - 1 if i < num_decode else s.num_cached_tokens for i, (s, n) in enumerate(zip(seqs, lens))]
+    query_lens = [n - a for a, n in zip(starts, lens)]
+    fields.add(f"ids{m}", [t for s, a in zip(seqs, starts) for t in (s.token_ids[a:] if s is not None else [0])])
+    fields.add(f"positions{m}", [p for a, n in zip(starts, lens) for p in range(a, n)])
+    fields.add(f"slots{m}", [t[p // bs] * bs + p % bs for t, a, n in zip(tables, starts, lens) for p in range(a, n)])
+    fields.add(f"tables{m}", [b for t in tables for b in t + [sink] * (width - len(t))], (len(seqs), width))
+    fields.add(f"context_lens{m}", lens)
+    if num_decode < len(seqs):
+        cu = [0]
+        for n in query_lens[num_decode:]:
+            cu.append(cu[-1] + n)
+        fields.add(f"cu_seqlens{m}", cu)
+    if order != sorted(order) or num_decode < len(seqs):
+        last, total = [], 0
+        for n in query_lens:
+            total += n
+            last.append(total - 1)
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        fields.add(f"pick{m}", [last[i] for i in inverse])
+    return dict(num_decode=num_decode, query_lens=query_lens, lens=lens)

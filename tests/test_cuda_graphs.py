@@ -1,0 +1,83 @@
+"""Decode steps through the CUDA-graph path (`cuda_graphs=True`): padded to a bucket, block tables at full
+width, static input buffers refilled each step, no host reads inside the step. On the CPU the same
+static-buffer steps run uncaptured, so everything but the capture itself is checked against the
+transformers reference; tests/test_gpu_engine.py checks the captured graphs on CUDA."""
+import random
+
+import pytest
+
+from padengine import Engine, SamplingParams
+from tests.helpers import random_batch, reference
+
+
+def spy_graphs(engine):
+    """Count the decode steps the graphs ran and the ones they sent back to the eager path."""
+    counts = {"graph": 0, "eager": 0}
+    run = engine.runner.graphs.run
+
+    def counted(decode):
+        result = run(decode)
+        counts["graph" if result is not None else "eager"] += 1
+        return result
+
+    engine.runner.graphs.run = counted
+    return counts
+
+
+def generate(engine, base, reward, params):
+    outs = engine.generate(prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)
+    return [o.token_ids for o in outs]
+
+
+def test_graph_steps_match_reference_under_preemption(llama, persrm, tokenizer):
+    """Rows of top-k 1, 10 and the whole vocabulary (two graph widths), weight 0 rows, batches that
+    shrink across buckets as requests finish, and preemption."""
+    base, reward, params = random_batch(len(tokenizer), n=16, seed=1)
+    engine = Engine(llama, persrm, block_size=4, num_kv_blocks=40, cuda_graphs=True)
+    counts = spy_graphs(engine)
+    assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
+    outs = engine.generate(prompt_token_ids=base[:1], params=SamplingParams(max_tokens=1))
+    assert outs[0].finish_reason == "length"
+    assert counts["graph"] > 20
+    assert {k[2] for k in engine.runner.graphs.graphs} == {256, len(tokenizer)}
+    assert all(p.num_used == 0 for p in engine.runner.pools)
+
+
+def test_graph_steps_pad_reward_streams_and_fall_back(qwen2, tokenizer):
+    """One model serving base and reward streams (one KV pool): requests with 0 to 3 preferences, so
+    reward streams are padded apart from rows; a top-k above the fused sampler's 256 runs eagerly."""
+    base, _, params = random_batch(len(tokenizer), n=12, seed=5)
+    rng = random.Random(5)
+    multi = [[([rng.randrange(4, 300) for _ in range(5)] + b, (1.0, -0.5, 0.5)[j]) for j in range(i % 4)] or
+             [(b, 0.0)] for i, b in enumerate(base)]
+    params[3].top_k = 270
+    engine = Engine(qwen2, qwen2, block_size=8, cuda_graphs=True)
+    counts = spy_graphs(engine)
+    assert generate(engine, base, multi, params) == reference(qwen2, qwen2, base, multi, params)
+    assert counts["graph"] > 0 and counts["eager"] > 0
+    assert any(rows != rewards for rows, rewards, _ in engine.runner.graphs.graphs)
+
+
+def test_graph_sampling_equals_eager_sampling(llama, persrm, tokenizer):
+    base, reward, _ = random_batch(len(tokenizer), n=6, seed=2)
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_k=(0, 5, 40)[i % 3], seed=i, weight=1.0)
+              for i in range(6)]
+    graphs = Engine(llama, persrm, block_size=4, cuda_graphs=True)
+    eager = Engine(llama, persrm, block_size=4)
+    a = graphs.generate(prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)
+    b = eager.generate(prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    for x, y in zip(a, b):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def test_graph_steps_with_triton_kernels(llama, persrm, tokenizer):
+    """The fused sampler, paged decode attention at the graphs' full table width and the KV write
+    skipping nothing (padding writes to the sink block), in Triton's interpreter."""
+    base, reward, params = random_batch(len(tokenizer), n=3, seed=8)
+    for p in params:
+        p.max_tokens = 3
+    engine = Engine(llama, persrm, block_size=16, kernels="triton", cuda_graphs=True, max_model_len=64)
+    counts = spy_graphs(engine)
+    assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
+    assert counts["graph"] > 0
