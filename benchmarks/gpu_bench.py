@@ -169,10 +169,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches) -> list[dict]:
+def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches):
+    """Yields one table row per batch size as soon as it is measured."""
     from transformers import LlamaConfig
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
-    rows = []
     with tempfile.TemporaryDirectory() as folder:
         for role in ("base", "reward"):
             cfg.save_pretrained(os.path.join(folder, role))
@@ -185,10 +185,9 @@ def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches) -> list[d
             hf_ms = hf_ms_per_step(cfg, device, prompts, max_tokens)
             gc.collect()
             floor = 2 * model_bytes(cfg) / bandwidth * 1e3       # base and reward
-            rows.append(dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
-                             eager_ms=eager_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor,
-                             vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms))
-    return rows
+            yield dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
+                       eager_ms=eager_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3,
+                       floor_ms=floor, vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
 
 
 def main():
@@ -210,22 +209,19 @@ def main():
         for r in result["kernels"]:
             print(f"| {r['kernel']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['torch_ms'] / r['triton_ms']:.1f}x "
                   f"| {r['floor_ms']:.3f} | {r['triton_ms'] / r['floor_ms']:.1f}x |")
-    for shape in args.shapes:
-        result["end_to_end"] += end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels,
-                                           BATCHES[shape])
     print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | without graphs ms/step "
           "| base alone ms/step | transformers ms/step | transformers tok/s | floor ms | engine / floor "
           "| engine vs transformers |")
-    print("|---" * 11 + "|")
-    for r in result["end_to_end"]:
-        print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} | {r['eager_ms']:.2f} "
-              f"| {r['base_alone_ms']:.2f} "
-              f"| {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x "
-              f"| {r['vs_hf']:.1f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-
+    print("|---" * 11 + "|", flush=True)
+    for shape in args.shapes:
+        for r in end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels, BATCHES[shape]):
+            result["end_to_end"].append(r)
+            print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} "
+                  f"| {r['eager_ms']:.2f} | {r['base_alone_ms']:.2f} | {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
+                  f"| {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x | {r['vs_hf']:.1f}x |", flush=True)
+            if args.json:       # after every row, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
 
 if __name__ == "__main__":
     main()

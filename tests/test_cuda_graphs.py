@@ -29,17 +29,21 @@ def generate(engine, base, reward, params):
     return [o.token_ids for o in outs]
 
 
-def test_graph_steps_match_reference_under_preemption(llama, persrm, tokenizer):
-    """Rows of top-k 1, 10 and the whole vocabulary (two graph widths), weight 0 rows, batches that
-    shrink across buckets as requests finish, and preemption."""
+def test_graph_steps_match_reference_under_preemption(llama, persrm, tokenizer, monkeypatch):
+    """Rows of top-k 1, 10 and the whole vocabulary (two sampler widths), weight 0 rows, batches that
+    shrink across buckets as requests finish, contexts that grow across table widths, and preemption."""
+    monkeypatch.setattr("padengine.engine.cuda_graphs.MIN_SPAN", 16)
     base, reward, params = random_batch(len(tokenizer), n=16, seed=1)
     engine = Engine(llama, persrm, block_size=4, num_kv_blocks=40, cuda_graphs=True)
     counts = spy_graphs(engine)
     assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
-    outs = engine.generate(prompt_token_ids=base[:1], params=SamplingParams(max_tokens=1))
-    assert outs[0].finish_reason == "length"
-    assert counts["graph"] > 20
-    assert {k[2] for k in engine.runner.graphs.graphs} == {256, len(tokenizer)}
+    growing = [SamplingParams(max_tokens=30, ignore_eos=True, weight=1.0)]
+    assert generate(engine, [base[0][:10]], None, growing) == reference(llama, persrm, [base[0][:10]], [base[0][:10]],
+                                                                        growing)
+    assert counts["graph"] > 40
+    keys = engine.runner.graphs.graphs
+    assert {k[2] for k in keys} == {256, len(tokenizer)}        # top-k width: fused sampler's or whole vocab
+    assert {k[3] for k in keys} >= {4, 8, 16}                   # blocks of 4: contexts up to 16, 32, 64
     assert all(p.num_used == 0 for p in engine.runner.pools)
 
 
@@ -55,7 +59,7 @@ def test_graph_steps_pad_reward_streams_and_fall_back(qwen2, tokenizer):
     counts = spy_graphs(engine)
     assert generate(engine, base, multi, params) == reference(qwen2, qwen2, base, multi, params)
     assert counts["graph"] > 0 and counts["eager"] > 0
-    assert any(rows != rewards for rows, rewards, _ in engine.runner.graphs.graphs)
+    assert any(rows != rewards for rows, rewards, _, _ in engine.runner.graphs.graphs)
 
 
 def test_graph_sampling_equals_eager_sampling(llama, persrm, tokenizer):

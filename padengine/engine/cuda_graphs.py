@@ -1,7 +1,9 @@
 """Decode steps in CUDA graphs.
 
-A decode-only step is padded to a bucket of rows (requests) and of reward streams and laid out with
-block tables as wide as `max_model_len` needs. Per bucket, the runner's `compute` (both models' forwards
+A decode-only step is padded to a bucket of rows (requests) and of reward streams, and its block tables
+to a bucket of context length (a power of two from MIN_SPAN tokens up to `max_model_len`: attention sizes
+its split-K work by that width, and the host uploads tables at most twice as wide as needed). Per bucket,
+the runner's `compute` (both models' forwards
 on their two streams, both LM heads, the reward merge and the sampler) is captured once over static
 input buffers; a replay refills them with the step's two host-to-device copies, and the runner then
 makes its one device-to-host copy of the results. A bucket is captured on its first step, after an eager
@@ -26,6 +28,7 @@ from padengine.layers.sampler import MAX_FUSED_TOP_K
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MIN_SPAN = 256          # the shortest context bucket, in tokens
 
 
 @dataclass
@@ -42,7 +45,6 @@ class DecodeGraphs:
     def __init__(self, runner, max_rows: int):
         self.runner = runner
         self.sizes = [b for b in BUCKETS if b < max_rows] + [max_rows]
-        self.width = -(-runner.max_model_len // runner.cfg.block_size)
         self.graphs: dict[tuple, Graph] = {}
         self.capture = runner.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -58,9 +60,12 @@ class DecodeGraphs:
         rows, reward_rows = self._bucket(len(decode)), self._bucket(num_rewards) if num_rewards else 0
         if rows is None or reward_rows is None or any(MAX_FUSED_TOP_K < k < vocab for k in ks):
             return None
-        step = self.runner.layout(decode, [], (rows, reward_rows), self.width)
+        span = min(max(MIN_SPAN, 1 << (max(len(s) for r in decode for s in r.streams) - 1).bit_length()),
+                   self.runner.max_model_len)
+        width = -(-span // self.runner.cfg.block_size)
+        step = self.runner.layout(decode, [], (rows, reward_rows), width)
         step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab)    # one sampler width per graph
-        key = (rows, reward_rows, step.max_k)
+        key = (rows, reward_rows, step.max_k, width)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(step)
@@ -84,6 +89,6 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 tokens, logprobs = r.compute(inputs)
             graph.replay()      # capture records without running: replay writes the same K/V again
-            logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d",
-                        step.num_rows, step.num_rewards, step.max_k)
+            logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d, %d blocks per table",
+                        step.num_rows, step.num_rewards, step.max_k, inputs.models[0].batch.block_tables.shape[1])
         return Graph(ints, floats, inputs, tokens, logprobs, graph)

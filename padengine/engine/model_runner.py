@@ -17,6 +17,7 @@ from padengine.engine.sequence import Request
 from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, Uploader, layout_step
 from padengine.errors import require
 from padengine.layers.sampler import merge_rewards, pad_sample
+from padengine.models.llama import Attention, RMSNorm
 from padengine.models.loader import load_config, load_model, load_value_head
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,12 @@ class ModelRunner:
         if kind == "flash":
             from padengine.layers.flash_attention import paged_attention as attend
         for model in self.models:
-            for layer in model.model.layers:
-                layer.self_attn.store, layer.self_attn.attend = triton_kernels.write_kv, attend
+            model.model.rope.kernel = triton_kernels.apply_rotary
+            for module in model.modules():
+                if isinstance(module, RMSNorm):
+                    module.kernel = triton_kernels.rms_norm
+                elif isinstance(module, Attention):
+                    module.store, module.attend = triton_kernels.write_kv, attend
         self.sample = triton_kernels.pad_sample
 
     def _allocate_kv(self) -> list[BlockManager]:

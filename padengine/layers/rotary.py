@@ -32,6 +32,7 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError(f"rope_scaling: type {self.kind!r} is not supported (default and llama3 are)")
         self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
+        self.kernel = apply_rotary      # the runner may swap in the Triton kernel
         self.build()
 
     def build(self):
@@ -49,9 +50,14 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return self.kernel(positions, q, k, self.cos, self.sin)
+
+
+def apply_rotary(positions, q, k, cos, sin):
+    """Rotate q and k by the float32 cos/sin table rows of their positions (rounded to q's dtype first)."""
+    cos = cos[positions].unsqueeze(1).to(q.dtype)
+    sin = sin[positions].unsqueeze(1).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

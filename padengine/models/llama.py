@@ -61,17 +61,25 @@ class ModelConfig:
             mlp_bias=bool(getattr(c, "mlp_bias", False)), sliding_window=window)
 
 
+def rms_norm(x, weight, eps: float, residual=None):
+    """Returns (normed, residual): with `residual`, x + residual is normed and becomes the new residual;
+    without, x itself is. The norm runs in float32 and is rounded before the weight, as in transformers."""
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype), x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = rms_norm      # the runner may swap in the Triton kernel
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x, residual=None):
+        return self.kernel(x, self.weight, self.eps, residual)
 
 
 class FusedLinear(nn.Linear):
@@ -128,9 +136,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, batch):
-        x = x + self.self_attn(self.input_layernorm(x), positions, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, batch):
+        """Returns (output, residual): the residual add of each sub-block is left to the next norm,
+        which fuses it."""
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
@@ -142,10 +154,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, batch):
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, batch)
+        return self.norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):
