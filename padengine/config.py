@@ -1,5 +1,4 @@
 """Engine-wide settings, validated on construction."""
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -14,7 +13,12 @@ KERNELS = ("auto", "torch", "triton", "flash")
 
 
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash_attn imports (not merely installed: a build for another torch fails on import)."""
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 @dataclass
@@ -33,7 +37,8 @@ class EngineConfig:
     seed: int = 0                          # seeds requests that carry none
     kernels: str = "auto"                  # "torch" (the reference), "triton" (fused sampler, paged
                                            # attention) or "flash" (Triton, with flash-attn's attention);
-                                           # auto: flash on CUDA if flash_attn imports, else triton; torch on CPU
+                                           # auto: on CUDA flash for fp16/bf16 if flash_attn imports, else
+                                           # triton; torch on the CPU
     cuda_graphs: bool | None = None        # decode steps in CUDA graphs (default: on CUDA); True on the CPU
                                            # runs the same padded static-buffer steps uncaptured (for tests)
 
@@ -46,8 +51,9 @@ class EngineConfig:
         cuda = self.torch_device.type == "cuda"
         require(not cuda or torch.cuda.is_available(), "device", "CUDA is not available")
         require(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
-        if self.kernels == "auto":
-            self.kernels = ("flash" if flash_attn_available() else "triton") if cuda else "torch"
+        if self.kernels == "auto":      # flash-attn takes fp16/bf16 only
+            flash = self.dtype != "float32" and flash_attn_available()
+            self.kernels = ("flash" if flash else "triton") if cuda else "torch"
         if self.block_size is None:
             self.block_size = 256 if self.kernels == "flash" else 16
         if self.cuda_graphs is None:
@@ -66,6 +72,8 @@ class EngineConfig:
                 "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
         require(self.kernels != "flash" or (cuda and flash_attn_available()), "kernels",
                 "'flash' needs a CUDA device and the flash_attn package")
+        require(self.kernels != "flash" or self.dtype != "float32", "kernels",
+                "flash-attn computes in float16 or bfloat16 only: pick one as dtype, or kernels='triton'")
         require(self.kernels != "flash" or self.block_size % 256 == 0, "block_size",
                 f"flash-attn's paged KV cache needs a multiple of 256, got {self.block_size}")
 

@@ -85,3 +85,12 @@ def test_graph_steps_with_triton_kernels(llama, persrm, tokenizer):
     counts = spy_graphs(engine)
     assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
     assert counts["graph"] > 0
+
+
+def test_graph_steps_base_alone_with_sliding_window(mistral, tokenizer):
+    """No reward model (no reward rows in any graph) and a sliding window that contexts outgrow."""
+    base, _, params = random_batch(len(tokenizer), n=8, seed=4)
+    engine = Engine(mistral, block_size=16, cuda_graphs=True)
+    counts = spy_graphs(engine)
+    assert generate(engine, base, None, params) == reference(mistral, None, base, base, params)
+    assert counts["graph"] > 0 and all(rewards == 0 for _, rewards, _, _ in engine.runner.graphs.graphs)

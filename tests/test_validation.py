@@ -133,7 +133,9 @@ def test_kv_pool_too_small_for_one_request(llama, persrm):
 @pytest.mark.parametrize("kwargs,field", [(dict(dtype="int8"), "dtype"), (dict(block_size=0), "block_size"),
                                           (dict(max_num_seqs=0), "max_num_seqs"),
                                           (dict(num_kv_blocks=4, kv_cache_bytes=10), "num_kv_blocks"),
-                                          (dict(max_model_len=10**6), "max_model_len")])
+                                          (dict(max_model_len=10**6), "max_model_len"),
+                                          (dict(kernels="cuda"), "kernels"), (dict(kernels="flash"), "kernels"),
+                                          (dict(cuda_graphs="yes"), "cuda_graphs")])
 def test_bad_engine_arguments(llama, kwargs, field):
     with pytest.raises(InvalidInput) as err:
         Engine(llama, **kwargs)

@@ -118,7 +118,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, len_ptr, out_ptr, qk_sc
     seq = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * BLOCK_M
     head = tl.program_id(2)
-    q_start = tl.load(cu_ptr + seq)
+    q_start = tl.load(cu_ptr + seq).to(tl.int64)
     q_len = tl.load(cu_ptr + seq + 1) - q_start
     if first < q_len:
         ctx = tl.load(len_ptr + seq)
@@ -191,7 +191,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len,
                             scale, window=None, out=None):
-    """q [T, heads, head_dim] flattened over sequences; cu_seqlens [B + 1] int32; sequence i's queries
+    """q [T, heads, head_dim] flattened over sequences; cu_seqlens [B + 1] (int32 or int64); sequence i's queries
     are the last (cu_seqlens[i+1] - cu_seqlens[i]) positions of its context_lens[i] tokens."""
     heads, head_dim = q.shape[1], q.shape[2]
     group, d_pad, qk_scale, precision, cache_strides = _common(q, k_cache, v_cache, scale)

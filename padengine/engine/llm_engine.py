@@ -32,8 +32,7 @@ class Engine:
                     "its tokenizer vocabulary differs from the base model's")
         self.eos_ids = eos_token_ids(base_model, self.tokenizer)
         self.max_model_len = self.runner.max_model_len
-        batched = cfg.max_num_batched_tokens or max(8192, 2 * self.max_model_len)
-        self.scheduler = Scheduler(self.runner.pools, cfg.max_num_seqs, batched)
+        self.scheduler = Scheduler(self.runner.pools, cfg.max_num_seqs, self.runner.max_batched_tokens)
         self.inputs = InputProcessor(self.tokenizer, self.reward_tokenizer, self.runner.vocab_size,
                                      self.max_model_len, self.eos_ids, self.runner.pools, self.runner.reward_pool,
                                      cfg.seed)

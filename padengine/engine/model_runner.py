@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, cfg: EngineConfig):
         self.cfg, self.device = cfg, cfg.torch_device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         paths = [cfg.base_model]
         fields = ["base_model"]
         model_cfgs = [load_config(cfg.base_model, "base_model")]
@@ -45,6 +47,7 @@ class ModelRunner:
         self.max_model_len = cfg.max_model_len or limit
         require(self.max_model_len <= limit, "max_model_len",
                 f"{self.max_model_len} exceeds the models' max_position_embeddings ({limit})")
+        self.max_batched_tokens = cfg.max_num_batched_tokens or max(8192, 2 * self.max_model_len)
         self.vocab_size = model_cfgs[0].vocab_size
         self.models = [load_model(p, c, self.max_model_len, cfg.torch_dtype, self.device, f)
                        for p, c, f in zip(paths, model_cfgs, fields)]
@@ -78,6 +81,18 @@ class ModelRunner:
                     module.store, module.attend = triton_kernels.write_kv, attend
         self.sample = triton_kernels.pad_sample
 
+    def _activation_bytes(self, elem: int) -> int:
+        """About the most one step's activations take: every model (they run at once on two streams)
+        over a step's tokens (the first prefill of a step is admitted even past max_batched_tokens, so
+        up to max_model_len), at its widest point (residual, normed input and the MLP's gate/up and
+        product, or the attention projections)."""
+        tokens, total = max(self.max_batched_tokens, self.max_model_len), 0
+        for m in self.models:
+            c = m.config
+            attn = 2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
+            total += tokens * (2 * c.hidden_size + max(3 * c.intermediate_size, attn)) * elem
+        return total
+
     def _allocate_kv(self) -> list[BlockManager]:
         cfg, bs = self.cfg, self.cfg.block_size
         elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
@@ -88,7 +103,11 @@ class ModelRunner:
             budget = cfg.kv_cache_bytes
             if budget is None and self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * GPU_KV_FRACTION)
+                peak = self._activation_bytes(elem)
+                require(peak < free, "max_model_len", "a step's activations need about "
+                        f"{peak / 2**30:.1f} GiB of activations, more than the {free / 2**30:.1f} GiB free: lower "
+                        "max_model_len or max_num_batched_tokens")
+                budget = int((free - peak) * GPU_KV_FRACTION)
             elif budget is None:
                 full = cfg.max_num_seqs * 2 * -(-self.max_model_len // bs) * sum(block_bytes)
                 budget = min(CPU_KV_BYTES, full)
@@ -110,6 +129,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, decode: list[Request], prefill: list[Request]) -> tuple[list[int], list[float]]:
         """One step: the next token of each request (decode, then prefill) and its log-probability."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)      # per thread: Triton and graph capture use the current device
         n = len(decode) + len(prefill)
         result = self.graphs.run(decode) if self.graphs is not None and not prefill else None
         if result is None:

@@ -29,6 +29,9 @@ class Fields:
 
     def add(self, name: str, values: list, shape: tuple | None = None, floating: bool = False) -> None:
         buf = self.floats if floating else self.ints
+        # each field starts 16-byte aligned: Triton specializes kernels on pointer alignment, and fields
+        # shifting with the batch's composition would compile new variants mid-serving
+        buf.extend([0] * (-len(buf) % (4 if floating else 2)))
         self.fields.append((name, floating, len(buf), len(values), shape))
         buf.extend(values)
 
