@@ -9,6 +9,7 @@ from padengine.errors import require
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_BYTES = 2 << 30          # default KV budget on the CPU (both pools together)
 GPU_KV_FRACTION = 0.85          # default KV budget on CUDA: this share of the memory free after loading
+DEFAULT_BATCHED_TOKENS = 8192   # tokens per step (longer prompts are prefilled in chunks)
 KERNELS = ("auto", "torch", "triton", "flash")
 
 
@@ -31,8 +32,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None       # blocks in each model's pool
     kv_cache_bytes: int | None = None      # or: a byte budget for all pools together
     max_num_seqs: int = 64                 # requests running at once
-    max_num_batched_tokens: int | None = None  # tokens per step, decode and prefill
-                                               # (default: max(8192, 2 * max_model_len))
+    max_num_batched_tokens: int | None = None  # tokens per step, decode and prefill; longer prompts are
+                                               # prefilled in chunks (default: DEFAULT_BATCHED_TOKENS)
     max_model_len: int | None = None       # prompt + generated tokens (default: the models' limit)
     seed: int = 0                          # seeds requests that carry none
     kernels: str = "auto"                  # "torch" (the reference), "triton" (fused sampler, paged

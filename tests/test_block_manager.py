@@ -3,10 +3,16 @@ from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Sequence
 
 
+def computed(pool, seq):
+    """Allocate seq and publish all its blocks, as the scheduler does for a prefill done in one step."""
+    pool.allocate(seq)
+    pool.publish(seq, len(seq))
+
+
 def test_shared_prefix_reuses_full_blocks_only():
     pool = BlockManager(num_blocks=16, block_size=4)
     a, b = Sequence(list(range(10)), 0), Sequence(list(range(8)) + [99, 98, 97], 0)
-    pool.allocate(a)
+    computed(pool, a)
     pool.allocate(b)
     assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8
     assert b.block_table[2] != a.block_table[2]
@@ -18,7 +24,7 @@ def test_shared_prefix_reuses_full_blocks_only():
 def test_last_token_block_is_always_computed():
     pool = BlockManager(num_blocks=8, block_size=4)
     a = Sequence(list(range(8)), 0)
-    pool.allocate(a)
+    computed(pool, a)
     b = Sequence(list(range(8)), 0)                       # identical prompt: its last block is not reused
     pool.allocate(b)
     assert b.num_cached_tokens == 4 and b.block_table[1] != a.block_table[1]
@@ -27,7 +33,7 @@ def test_last_token_block_is_always_computed():
 def test_freed_blocks_stay_cached_until_reused():
     pool = BlockManager(num_blocks=4, block_size=4)
     a = Sequence(list(range(9)), 0)
-    pool.allocate(a)
+    computed(pool, a)
     pool.release(a)
     assert pool.num_free == 4
     b = Sequence(list(range(9)), 0)
@@ -35,7 +41,7 @@ def test_freed_blocks_stay_cached_until_reused():
     assert b.num_cached_tokens == 8
     pool.release(b)
     c = Sequence([50 + i for i in range(16)], 0)          # takes every block: old hashes are evicted
-    pool.allocate(c)
+    computed(pool, c)
     pool.release(c)
     d = Sequence(list(range(9)), 0)
     pool.allocate(d)
@@ -53,3 +59,30 @@ def test_decode_appends_blocks_and_hashes_filled_ones():
     b = Sequence(list(range(1, 10)), 0)
     pool.allocate(b)
     assert b.num_cached_tokens == 8                       # both blocks filled during decode are shared
+
+
+def test_unpublished_blocks_are_not_shared_until_their_chunk_is_scheduled():
+    """A chunked prefill publishes only the blocks its scheduled chunk computes."""
+    pool = BlockManager(num_blocks=16, block_size=4)
+    a = Sequence(list(range(13)), 0)
+    pool.allocate(a)
+    pool.publish(a, 6)                                    # chunk [0, 6): only block 0 is whole
+    b = Sequence(list(range(13)), 0)
+    pool.allocate(b)
+    assert b.num_cached_tokens == b.num_computed_tokens == 4 and b.block_table[0] == a.block_table[0]
+    pool.publish(a, 12)
+    c = Sequence(list(range(13)), 0)
+    pool.allocate(c)
+    assert c.num_cached_tokens == 12 and c.block_table[:3] == a.block_table[:3]
+
+
+def test_forget_unpublishes_blocks_of_a_failed_step():
+    pool = BlockManager(num_blocks=16, block_size=4)
+    a = Sequence(list(range(13)), 0)
+    pool.allocate(a)
+    a.num_computed_tokens = 4                             # an earlier chunk ran; the next one failed
+    pool.publish(a, 12)
+    pool.forget(a)
+    b = Sequence(list(range(13)), 0)
+    pool.allocate(b)
+    assert b.num_cached_tokens == 4

@@ -2,8 +2,11 @@
 
 A full block is identified by a chained hash of its tokens and of every token before it, so two
 streams that start with the same tokens share those blocks (a preference preamble, a repeated prompt).
-Freed blocks keep their hash and content until they are handed out again, so the cache also serves
-requests that arrive after the first one finished. The least recently freed block is reused first.
+A block is published (findable) only once the step that computes it is scheduled (`publish`): a
+stream admitted later in the same step reads it after the forward has written it, and a chunked
+prefill's later blocks stay private until their chunk runs. Freed blocks keep their hash and content
+until they are handed out again, so the cache also serves requests that arrive after the first one
+finished. The least recently freed block is reused first.
 """
 import hashlib
 from collections import OrderedDict
@@ -43,8 +46,9 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def allocate(self, seq: Sequence) -> None:
-        """Give `seq` blocks for all its tokens, reusing cached full blocks for its prefix. The block
-        holding the last token is never taken from the cache: at least that token must be computed."""
+        """Give `seq` blocks for all its tokens, reusing published full blocks for its prefix. The block
+        holding the last token is never taken from the cache: at least that token must be computed.
+        New full blocks get their hash now and are published by `publish`."""
         assert not seq.block_table
         bs, prev, hit = self.block_size, b"", True
         seq.num_cached_tokens = 0
@@ -63,9 +67,17 @@ class BlockManager:
                 hit = False
                 block = self._take()
                 if full:
-                    self._register(block, h, tokens)
+                    block.hash, block.tokens = h, list(tokens)
             seq.block_table.append(block.id)
             prev = h or b""
+        seq.num_computed_tokens = seq.num_cached_tokens
+
+    def publish(self, seq: Sequence, num_tokens: int) -> None:
+        """Make seq's full blocks within its first num_tokens tokens findable by later allocations."""
+        for block_id in seq.block_table[:num_tokens // self.block_size]:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                self.cached.setdefault(block.hash, block_id)
 
     def release(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -74,12 +86,12 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_computed_tokens = 0
 
     def forget(self, seq: Sequence) -> None:
-        """Drop the cache entries of seq's freshly allocated blocks: `allocate` hashes full blocks before
-        their KV is computed, so a step that fails must not leave them for later requests to reuse."""
-        for block_id in seq.block_table[seq.num_cached_tokens // self.block_size:]:
+        """Drop the cache entries of seq's blocks past its computed tokens: they were published for a
+        step that failed, so their KV was never written and later requests must not reuse them."""
+        for block_id in seq.block_table[seq.num_computed_tokens // self.block_size:]:
             block = self.blocks[block_id]
             if block.hash is not None and self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
@@ -93,9 +105,10 @@ class BlockManager:
         """Make room for the last token's KV; hash the block that the previous step filled."""
         bs, n = self.block_size, len(seq) - 1      # n tokens are already in the cache
         if n % bs == 0 and n > 0:
-            prev = (self.blocks[seq.block_table[-2]].hash or b"") if len(seq.block_table) > 1 else b""
+            i = n // bs - 1                         # the block the previous step filled
+            prev = (self.blocks[seq.block_table[i - 1]].hash or b"") if i > 0 else b""
             tokens = seq.token_ids[n - bs:n]
-            self._register(self.blocks[seq.block_table[-1]], chain_hash(prev, tokens), tokens)
+            self._register(self.blocks[seq.block_table[i]], chain_hash(prev, tokens), tokens)
         if self.needs_block(seq):
             seq.block_table.append(self._take().id)
 

@@ -86,8 +86,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one scheduler step; returns the requests that got a token in it (finished ones included)."""
         decode, prefill = self.scheduler.schedule()
-        reqs = decode + prefill
-        if not reqs:
+        if not decode and not prefill:
             return []
         try:
             tokens, logprobs = self.runner.run(decode, prefill)
@@ -96,11 +95,15 @@ class Engine:
                 for s in req.streams:
                     self.runner.pools[s.pool].forget(s)
             raise
-        for req, token, logprob in zip(reqs, tokens, logprobs):
+        sampled = decode + [r for r in prefill if r.samples_this_step]
+        for req in decode + prefill:
+            for s in req.streams:
+                s.num_computed_tokens = s.step_end
+        for req, token, logprob in zip(sampled, tokens, logprobs):
             req.append(token, logprob)
             if req.is_finished:
                 self.scheduler.finish(req)
-        return reqs
+        return sampled
 
     def abort(self, req: Request, reason: str = "abort") -> None:
         """End a request now and free its KV blocks."""

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from padengine.config import CPU_KV_BYTES, GPU_KV_FRACTION, EngineConfig
+from padengine.config import CPU_KV_BYTES, DEFAULT_BATCHED_TOKENS, GPU_KV_FRACTION, EngineConfig
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.cuda_graphs import DecodeGraphs
 from padengine.engine.sequence import Request
@@ -47,7 +47,7 @@ class ModelRunner:
         self.max_model_len = cfg.max_model_len or limit
         require(self.max_model_len <= limit, "max_model_len",
                 f"{self.max_model_len} exceeds the models' max_position_embeddings ({limit})")
-        self.max_batched_tokens = cfg.max_num_batched_tokens or max(8192, 2 * self.max_model_len)
+        self.max_batched_tokens = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
         self.vocab_size = model_cfgs[0].vocab_size
         self.models = [load_model(p, c, self.max_model_len, cfg.torch_dtype, self.device, f)
                        for p, c, f in zip(paths, model_cfgs, fields)]
@@ -83,10 +83,9 @@ class ModelRunner:
 
     def _activation_bytes(self, elem: int) -> int:
         """About the most one step's activations take: every model (they run at once on two streams)
-        over a step's tokens (the first prefill of a step is admitted even past max_batched_tokens, so
-        up to max_model_len), at its widest point (residual, normed input and the MLP's gate/up and
-        product, or the attention projections)."""
-        tokens, total = max(self.max_batched_tokens, self.max_model_len), 0
+        over a step's tokens (at most max_batched_tokens, as prefills are chunked), at its widest point
+        (residual, normed input and the MLP's gate/up and product, or the attention projections)."""
+        tokens, total = self.max_batched_tokens, 0
         for m in self.models:
             c = m.config
             attn = 2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
@@ -128,10 +127,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, decode: list[Request], prefill: list[Request]) -> tuple[list[int], list[float]]:
-        """One step: the next token of each request (decode, then prefill) and its log-probability."""
+        """One step: the next token and its log-probability for each decoding request, then for each
+        prefilling one that `samples_this_step` (the others advance their chunked prefill only)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)      # per thread: Triton and graph capture use the current device
-        n = len(decode) + len(prefill)
+        n = len(decode) + sum(r.samples_this_step for r in prefill)
         result = self.graphs.run(decode) if self.graphs is not None and not prefill else None
         if result is None:
             step = self.layout(decode, prefill)
@@ -151,6 +151,8 @@ class ModelRunner:
         """The step on the device: forwards, LM heads, reward merge and sampler. Nothing here waits on the
         host, so a CUDA graph can capture it for a decode step."""
         hidden = self._forward_all(x.models)
+        if not x.num_rows:         # only chunks of prefills that do not finish in this step
+            return torch.empty(0, dtype=torch.long), torch.empty(0)
         base_logits = self.models[0].logits(hidden[0][:x.num_rows])
         t = x.tensors
         reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)

@@ -1,11 +1,14 @@
 """Continuous batching: which requests run in the next step, and preemption when KV blocks run out.
 
-A step decodes one token for every running request and, in the same forward pass, prefills requests
-admitted from the queue (new ones, or preempted ones resuming). Running requests come first: when one
-cannot get a block, the most recently admitted request is preempted: its blocks are freed and it goes
-back to the front of the queue, to be recomputed later (its prefix blocks are usually still cached).
-Admission is first come, first served, bounded by max_num_seqs, max_num_batched_tokens (decode tokens
-count too) and free blocks in every pool a request needs.
+A step decodes one token for every running request and, in the same forward pass, prefills: first the
+requests whose chunked prefill is under way, then requests admitted from the queue (new ones, or
+preempted ones resuming). The step's tokens (every stream's) stay within max_num_batched_tokens: a
+prompt that does not fit is prefilled in chunks over several steps, each stream up to its last token,
+and the step that computes the last tokens of all of a request's streams samples its first token.
+Running requests come first: when one cannot get a block, the most recently admitted request is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its
+prefix blocks are usually still cached). Admission is first come, first served, bounded by
+max_num_seqs, the token budget and free blocks in every pool a request needs.
 """
 import logging
 import time
@@ -32,11 +35,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Request], list[Request]]:
-        """The next step: running requests that decode one token, then newly admitted ones to prefill.
-        Both kinds share one forward pass, so admitting work never stalls the running batch."""
-        decode = []
+        """The next step: running requests that decode one token, then the ones that prefill (a chunk,
+        or all that is left; `Request.samples_this_step` tells which). Both kinds share one forward
+        pass, so prefill work never stalls the running batch."""
+        kept = []
         while self.running:
             req = self.running.popleft()
+            if req.is_prefilling:
+                kept.append(req)
+                continue
             while not self._can_append(req):
                 if self.running:
                     self.preempt(self.running.pop())
@@ -46,30 +53,56 @@ class Scheduler:
             else:
                 for s in req.streams:
                     self.pools[s.pool].append_slot(s)
-                decode.append(req)
-        self.running.extend(decode)
-        return decode, self._admit(tokens=len(decode))
-
-    def _admit(self, tokens: int) -> list[Request]:
-        """Waiting requests, first come first served, while sequences, tokens and blocks last (one is
-        always admitted when blocks allow, so a long prompt never waits for the running batch to drain)."""
+                    s.step_end = len(s)
+                kept.append(req)
+        self.running.extend(kept)
+        decode = [r for r in kept if not r.is_prefilling]
+        budget = self.max_num_batched_tokens - sum(len(r.streams) for r in decode)
         prefill = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        for req in (r for r in kept if r.is_prefilling):
+            if budget <= 0:
+                break
+            budget -= self._chunk(req, budget, first=not prefill)
+            prefill.append(req)
+        return decode, prefill + self._admit(budget, first=not prefill)
+
+    def _admit(self, budget: int, first: bool) -> list[Request]:
+        """Waiting requests, first come first served, while sequences, tokens and blocks last."""
+        prefill = []
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
-            need = sum(len(s) for s in req.streams)
-            if (prefill and tokens + need > self.max_num_batched_tokens) or not self._can_allocate(req):
+            if not self._can_allocate(req):
                 break
             self.waiting.popleft()
-            for s in req.streams:
-                self.pools[s.pool].allocate(s)
+            budget -= self._chunk(req, budget, first=first and not prefill, allocate=True)
             req.status = Status.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.perf_counter()
                 req.metrics.num_cached_tokens = req.base.num_cached_tokens
             self.running.append(req)
             prefill.append(req)
-            tokens += need
         return prefill
+
+    def _chunk(self, req: Request, budget: int, first: bool, allocate: bool = False) -> int:
+        """Schedule the next part of req's prefill within `budget` tokens (set each stream's step_end)
+        and publish the blocks it computes; returns the tokens used. Each stream stops short of its last
+        token unless all the last tokens fit too; the first prefill of a step always finishes its last
+        tokens if it reached them, so no request waits forever."""
+        used = 0
+        for s in req.streams:
+            pool = self.pools[s.pool]
+            if allocate:
+                pool.allocate(s)        # stream by stream: a later stream may hit blocks published just now
+            take = max(0, min(len(s) - 1 - s.num_computed_tokens, budget - used))
+            s.step_end = s.num_computed_tokens + take
+            used += take
+            pool.publish(s, s.step_end)
+        if budget - used >= len(req.streams) or (first and used == 0):
+            for s in req.streams:
+                s.step_end = len(s)
+                self.pools[s.pool].publish(s, len(s))
+            used += len(req.streams)
+        return used
 
     def preempt(self, req: Request) -> None:
         logger.debug("preempting request %d after %d tokens", req.request_id, len(req.output_ids))

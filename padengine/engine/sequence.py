@@ -26,6 +26,8 @@ class Sequence:
         self.pool = pool
         self.block_table: list[int] = []
         self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last allocation
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (cached or computed)
+        self.step_end = 0            # set by the scheduler: tokens in the cache after the scheduled step
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -95,6 +97,16 @@ class Request:
         prompt = lambda s: s.token_ids[:s.num_prompt_tokens]
         return RequestOutput(self.request_id, text, list(self.output_ids), prompt(self.base), self.finish_reason,
                              list(self.logprobs), self.metrics, [prompt(s) for s in self.rewards])
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Some stream still has more than its last token to compute (a chunked prefill in progress)."""
+        return any(s.num_computed_tokens < len(s) - 1 for s in self.streams)
+
+    @property
+    def samples_this_step(self) -> bool:
+        """The scheduled step computes every stream to its end, so it yields the next token."""
+        return all(s.step_end == len(s) for s in self.streams)
 
     @property
     def is_finished(self) -> bool:

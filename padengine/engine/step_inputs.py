@@ -112,17 +112,24 @@ class StepLayout:
 def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int | None, block_size: int,
                 sink: int, vocab: int, pad_to: tuple[int, int] | None = None,
                 width: int | None = None) -> StepLayout:
-    """Lay out a step: requests decode first; `width` fixes the block tables' width (a graph's)."""
-    reqs = decode + prefill
+    """Lay out a step. The sampler's rows are the decoding requests, then the prefilling ones whose
+    step completes their prefill; the streams of unfinished chunked prefills are computed, not sampled.
+    `width` fixes the block tables' width (a graph's)."""
+    reqs = decode + [r for r in prefill if r.samples_this_step]
     rows, num_rewards = pad_to or (len(reqs), sum(len(r.rewards) for r in reqs))
     owners = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
     bases = [r.base for r in reqs] + [None] * (rows - len(reqs))
     rewards = [s for _, s, _ in owners] + [None] * (num_rewards - len(owners))
-    streams = [bases + rewards] if reward_pool == 0 else [bases, rewards] if reward_pool == 1 else [bases]
+    picked = [bases + rewards] if reward_pool == 0 else [bases, rewards] if reward_pool == 1 else [bases]
+    chunks = [s for r in prefill if not r.samples_this_step for s in r.streams if s.step_end > s.num_computed_tokens]
     prefilling = {id(s) for r in prefill for s in r.streams}
     fields = Fields()
-    models = [_layout_model(fields, m, s, prefilling, block_size, sink, width) if s else None
-              for m, s in enumerate(streams)]
+    models = []
+    for m, streams in enumerate(picked):
+        pool = 0 if m == 0 else reward_pool
+        extra = [s for s in chunks if s.pool == pool]
+        models.append(_layout_model(fields, m, streams, extra, prefilling, block_size, sink, width)
+                      if streams or extra else None)
     pad = rows - len(reqs)
     p = [r.params for r in reqs]
     fields.add("top_k", [x.top_k for x in p] + [1] * pad)
@@ -136,18 +143,20 @@ def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int 
     return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, max(ks))
 
 
-def _layout_model(fields: Fields, m: int, streams: list[Sequence | None], prefilling: set[int], bs: int,
-                  sink: int, width: int | None) -> dict:
-    """One model's fields; decoding streams (and padding, None) go first in its batch."""
+def _layout_model(fields: Fields, m: int, picked: list[Sequence | None], extra: list[Sequence],
+                  prefilling: set[int], bs: int, sink: int, width: int | None) -> dict:
+    """One model's fields: `picked` streams (None: padding) yield a hidden row each, `extra` ones are
+    only computed. Decoding streams and padding go first in the batch."""
+    streams = picked + extra
     order = sorted(range(len(streams)), key=lambda i: streams[i] is not None and id(streams[i]) in prefilling)
     seqs = [streams[i] for i in order]
     num_decode = sum(s is None or id(s) not in prefilling for s in seqs)
     tables = [s.block_table if s is not None else [sink] for s in seqs]
     width = width or max(len(t) for t in tables)
-    lens = [len(s) if s is not None else 1 for s in seqs]
-    starts = [n - 1 if i < num_decode else s.num_cached_tokens for i, (s, n) in enumerate(zip(seqs, lens))]
+    starts = [s.num_computed_tokens if s is not None else 0 for s in seqs]
+    lens = [s.step_end if s is not None else 1 for s in seqs]
     query_lens = [n - a for a, n in zip(starts, lens)]
-    fields.add(f"ids{m}", [t for s, a in zip(seqs, starts) for t in (s.token_ids[a:] if s is not None else [0])])
+    fields.add(f"ids{m}", [t for s, a, n in zip(seqs, starts, lens) for t in (s.token_ids[a:n] if s else [0])])
     fields.add(f"positions{m}", [p for a, n in zip(starts, lens) for p in range(a, n)])
     fields.add(f"slots{m}", [t[p // bs] * bs + p % bs for t, a, n in zip(tables, starts, lens) for p in range(a, n)])
     fields.add(f"tables{m}", [b for t in tables for b in t + [sink] * (width - len(t))], (len(seqs), width))
@@ -163,5 +172,5 @@ def _layout_model(fields: Fields, m: int, streams: list[Sequence | None], prefil
             total += n
             last.append(total - 1)
         inverse = sorted(range(len(order)), key=order.__getitem__)
-        fields.add(f"pick{m}", [last[i] for i in inverse])
+        fields.add(f"pick{m}", [last[i] for i in inverse[:len(picked)]])
     return dict(num_decode=num_decode, query_lens=query_lens, lens=lens)
