@@ -33,10 +33,15 @@ def per_row(vocab, top_k, weight, temperature, n=None):
 
 
 def distinct_logits(n, vocab, dtype):
-    """Logits without a repeated value in a row (drawn from the 2048 bf16 values of magnitude in
-    [1/16, 16), exact in fp16 too), so low-precision top-k sets never hinge on a tie."""
-    mags = torch.arange(0x3D80, 0x4180, dtype=torch.int16)
-    values = torch.cat([mags, mags | -0x8000]).view(torch.bfloat16)
+    """Logits without a repeated value in a row, so low-precision top-k sets never hinge on a tie:
+    drawn from the 2048 bf16 values of magnitude in [1/16, 16), or for fp16 its 2048 values of magnitude
+    in [1, 2), which use every mantissa bit (the sampler's keys must tell them all apart)."""
+    if dtype == torch.float16:
+        mags = torch.arange(0x3C00, 0x4000, dtype=torch.int16)
+        values = torch.cat([mags, mags | -0x8000]).view(torch.float16)
+    else:
+        mags = torch.arange(0x3D80, 0x4180, dtype=torch.int16)
+        values = torch.cat([mags, mags | -0x8000]).view(torch.bfloat16)
     assert vocab <= len(values)
     return torch.stack([values[torch.randperm(len(values))[:vocab]] for _ in range(n)]).to(DEV, dtype)
 

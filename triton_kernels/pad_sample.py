@@ -23,7 +23,7 @@ from padengine.layers.sampler import pad_sample as torch_pad_sample
 
 MAX_CHUNKS = 32         # bounds the merge kernel's tile to MAX_CHUNKS * K_MAX entries
 MIN_CHUNK = 1024
-INT32_MIN = tl.constexpr(-2 ** 31)
+KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}   # see _top_keys
 
 
 @triton.jit
@@ -47,19 +47,22 @@ def _gumbel(seed_ptr, pos_ptr, row, tok):
 
 
 @triton.jit
-def _ordered(x):
-    """int32 keys that sort like the float32 values x."""
+def _top_keys(x, valid, KEY_BITS: tl.constexpr):
+    """int32 keys that sort like the float32 values x, padding (~valid) below them all. Values that came
+    from bf16 (fp16) leave the low 16 (13) bits of their float32 pattern zero, so KEY_BITS = 16 (19)
+    keep every distinction and let `_top_mask` bisect in KEY_BITS steps instead of 32."""
     b = x.to(tl.int32, bitcast=True)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
+    key = (b ^ ((b >> 31) & 0x7FFFFFFF)) >> (32 - KEY_BITS)
+    return tl.where(valid, key, -(1 << (KEY_BITS - 1)))
 
 
 @triton.jit
-def _top_mask(key, k):
+def _top_mask(key, k, KEY_BITS: tl.constexpr):
     """Mask of the k largest keys of a 1-D tile (1 <= k <= its length); among equal keys the earliest
     positions win, so the choice is deterministic."""
-    lo = tl.full((), INT32_MIN, tl.int64)       # invariant: count(key >= lo) >= k > count(key >= hi)
-    hi = tl.full((), -INT32_MIN, tl.int64)
-    for _ in range(32):
+    lo = tl.full((), -(1 << (KEY_BITS - 1)), tl.int64)   # invariant: count(key >= lo) >= k > count(key >= hi)
+    hi = tl.full((), 1 << (KEY_BITS - 1), tl.int64)
+    for _ in range(KEY_BITS):
         mid = (lo + hi) >> 1
         enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
         lo = tl.where(enough, mid, lo)
@@ -98,7 +101,7 @@ def _draw(s, greedy, toks, seed_ptr, pos_ptr, row):
 @triton.jit
 def _chunk_kernel(base_ptr, stride_b, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr,
                   val_ptr, tok_ptr, V, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
-                  K_MAX: tl.constexpr):
+                  K_MAX: tl.constexpr, KEY_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     slot = val_ptr + (row * tl.num_programs(1) + chunk) * K_MAX
@@ -118,7 +121,7 @@ def _chunk_kernel(base_ptr, stride_b, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr,
         tl.store(tok_slot, tok)
     else:
         k_chunk = tl.minimum(tl.minimum(k, K_MAX), V - chunk * CHUNK)
-        sel = _top_mask(tl.where(valid, _ordered(zb), INT32_MIN), k_chunk)
+        sel = _top_mask(_top_keys(zb, valid, KEY_BITS), k_chunk, KEY_BITS)
         dst = tl.cumsum(sel.to(tl.int32), 0) - 1
         tl.store(slot + dst, zb, mask=sel)
         tl.store(tok_slot + dst, offs, mask=sel)
@@ -141,7 +144,7 @@ def _merge_whole(val_ptr, tok_ptr, n_chunks, K_MAX: tl.constexpr, CHUNKS_PAD: tl
 @triton.jit
 def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr, pos_ptr, row, V, n_chunks,
                  HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr, K_MAX: tl.constexpr,
-                 CHUNKS_PAD: tl.constexpr):
+                 CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
     """(token, log-prob) of a top-k row from the union of its chunks' top k."""
     # chunk-major, and each chunk's entries in token order: tile order is token order, as the tie rule
     # of _top_mask needs to agree with the chunk kernel's
@@ -151,7 +154,7 @@ def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr,
     ok = (c < n_chunks) & (e % K_MAX < tl.minimum(kk, V - c * CHUNK))
     zb = tl.load(val_ptr + e, mask=ok, other=float("-inf"))
     toks = tl.load(tok_ptr + e, mask=ok, other=0)
-    cand = _top_mask(tl.where(ok, _ordered(zb), INT32_MIN), kk) & ok
+    cand = _top_mask(_top_keys(zb, ok, KEY_BITS), kk, KEY_BITS) & ok
     s, greedy = _scaled_score(zb, reward_ptr, row_r, toks, cand, w_ptr, t_ptr, row, HAS_REWARD)
     m, total, _, s_best, tok = _draw(s, greedy, toks, seed_ptr, pos_ptr, row)
     return tok, s_best - m - tl.log(total)
@@ -160,7 +163,7 @@ def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr,
 @triton.jit
 def _merge_kernel(val_ptr, tok_ptr, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr,
                   out_tok_ptr, out_lp_ptr, V, n_chunks, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
-                  K_MAX: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+                  K_MAX: tl.constexpr, CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_chunks * K_MAX
     k = tl.load(k_ptr + row)
@@ -169,7 +172,7 @@ def _merge_kernel(val_ptr, tok_ptr, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, s
     else:
         tok, logprob = _merge_top_k(val_ptr + base, tok_ptr + base, reward_ptr, row * stride_r, k, w_ptr,
                                     t_ptr, seed_ptr, pos_ptr, row, V, n_chunks, HAS_REWARD, CHUNK, K_MAX,
-                                    CHUNKS_PAD)
+                                    CHUNKS_PAD, KEY_BITS)
     tl.store(out_tok_ptr + row, tok.to(tl.int64))
     tl.store(out_lp_ptr + row, logprob)
 
@@ -202,16 +205,17 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     if has_reward:
         reward = reward_logits if reward_logits.stride(-1) == 1 else reward_logits.contiguous()
     chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(vocab, MAX_CHUNKS)))
+    key_bits = KEY_BITS[base.dtype]
     n_chunks = triton.cdiv(vocab, chunk)
     chunks_pad = triton.next_power_of_2(n_chunks)
     vals = torch.empty(n, n_chunks, K_MAX, dtype=torch.float32, device=dev)
     toks = torch.empty(n, n_chunks, K_MAX, dtype=torch.int32, device=dev)
     _chunk_kernel[(n, n_chunks)](base, base.stride(0), reward, reward.stride(0), k, weight, temperature,
                                  seed, position, vals, toks, vocab, HAS_REWARD=has_reward, CHUNK=chunk,
-                                 K_MAX=K_MAX, num_warps=_warps(chunk))
+                                 K_MAX=K_MAX, KEY_BITS=key_bits, num_warps=_warps(chunk))
     _merge_kernel[(n,)](vals, toks, reward, reward.stride(0), k, weight, temperature, seed, position,
                         tokens, logprobs, vocab, n_chunks, HAS_REWARD=has_reward, CHUNK=chunk, K_MAX=K_MAX,
-                        CHUNKS_PAD=chunks_pad, num_warps=_warps(chunks_pad * K_MAX))
+                        CHUNKS_PAD=chunks_pad, KEY_BITS=key_bits, num_warps=_warps(chunks_pad * K_MAX))
     maybe_wide = vocab > K_MAX and (max_k is None or max_k > K_MAX)
     if maybe_wide and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         rows = torch.nonzero((k > K_MAX) & (k < vocab)).squeeze(1)
