@@ -66,8 +66,9 @@ def kernel_benchmarks(device, bandwidth) -> list[dict]:
         per_row = (torch.full((batch,), 10, device=device), torch.full((batch,), 1.0, device=device),
                    torch.tensor([0.0, 0.7] * (batch // 2) or [0.7], device=device),
                    torch.arange(batch, device=device), torch.arange(batch, device=device))
-        torch_ms = bench(lambda: pad_sample(base, reward, *per_row), device)
-        fused_ms = bench(lambda: triton_kernels.pad_sample(base, reward, *per_row), device)
+        # max_k as the engine passes it (the batch's largest k, known on the host): no sync in either
+        torch_ms = bench(lambda: pad_sample(base, reward, *per_row, max_k=10), device)
+        fused_ms = bench(lambda: triton_kernels.pad_sample(base, reward, *per_row, max_k=10), device)
         floor = 2 * base.numel() * 2 / bandwidth * 1e3
         rows.append(dict(kernel=f"pad_sample batch {batch} vocab {vocab}", torch_ms=torch_ms, triton_ms=fused_ms,
                          floor_ms=floor))

@@ -46,12 +46,12 @@ def distinct_logits(n, vocab, dtype):
     return torch.stack([values[torch.randperm(len(values))[:vocab]] for _ in range(n)]).to(DEV, dtype)
 
 
-def check(base, reward, args, out=None, tol=1e-4):
+def check(base, reward, args, out=None, tol=1e-4, max_k=None):
     """Triton picks the torch sampler's token in every row, unless the two tokens' perturbed scores are
     within tol (float rounding may then go either way), and its log-prob is the torch one of its token.
     A row whose k-th and (k+1)-th base logits tie (bf16 at a large vocabulary) has its candidates chosen
     by a tie rule torch leaves unspecified; it is only checked to pick a token at or above the tie."""
-    tokens, logprobs = triton_kernels.pad_sample(base, reward, *args, out=out)
+    tokens, logprobs = triton_kernels.pad_sample(base, reward, *args, out=out, max_k=max_k)
     ref, _ = torch_pad_sample(base, reward, *args)
     top_k, weight, temperature, seed, position = args
     vocab = base.shape[1]
@@ -86,6 +86,16 @@ def test_greedy_matches_torch_over_mixed_rows(dtype, with_reward):
     else:
         base, reward = distinct_logits(n, vocab, dtype), torch.randn(n, vocab + 40, device=DEV).to(dtype) * 3
     check(base, reward if with_reward else None, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_k_keeps_fewer_candidates_per_chunk(dtype):
+    """With max_k = 12 known on the host, each chunk keeps 16 candidates, not K_MAX; greedy and sampled
+    rows of k 1, 5 and 12 still pick the torch sampler's token."""
+    vocab = 2000
+    args = per_row(vocab, (1, 5, 12), (0.0, 1.5), (0.0, 0.9), n=8)
+    base = torch.randn(8, vocab, device=DEV) * 3 if dtype == torch.float32 else distinct_logits(8, vocab, dtype)
+    check(base, torch.randn(8, vocab, device=DEV).to(dtype) * 3, args, max_k=12)
 
 
 @pytest.mark.parametrize("vocab", [700, 3000])

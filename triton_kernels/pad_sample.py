@@ -21,7 +21,7 @@ import triton.language as tl
 from padengine.layers.sampler import MAX_FUSED_TOP_K as K_MAX
 from padengine.layers.sampler import pad_sample as torch_pad_sample
 
-MAX_CHUNKS = 32         # bounds the merge kernel's tile to MAX_CHUNKS * K_MAX entries
+MAX_CHUNKS = 32         # bounds the merge kernel's tile to MAX_CHUNKS * K_TILE entries (K_TILE <= K_MAX)
 MIN_CHUNK = 1024
 KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}   # see _top_keys
 
@@ -101,11 +101,11 @@ def _draw(s, greedy, toks, seed_ptr, pos_ptr, row):
 @triton.jit
 def _chunk_kernel(base_ptr, stride_b, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr,
                   val_ptr, tok_ptr, V, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
-                  K_MAX: tl.constexpr, KEY_BITS: tl.constexpr):
+                  K_TILE: tl.constexpr, KEY_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    slot = val_ptr + (row * tl.num_programs(1) + chunk) * K_MAX
-    tok_slot = tok_ptr + (row * tl.num_programs(1) + chunk) * K_MAX
+    slot = val_ptr + (row * tl.num_programs(1) + chunk) * K_TILE
+    tok_slot = tok_ptr + (row * tl.num_programs(1) + chunk) * K_TILE
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < V
     zb = tl.load(base_ptr + row * stride_b + offs, mask=valid, other=float("-inf")).to(tl.float32)
@@ -120,7 +120,7 @@ def _chunk_kernel(base_ptr, stride_b, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr,
         tl.store(slot + 3, s_best)
         tl.store(tok_slot, tok)
     else:
-        k_chunk = tl.minimum(tl.minimum(k, K_MAX), V - chunk * CHUNK)
+        k_chunk = tl.minimum(tl.minimum(k, K_TILE), V - chunk * CHUNK)
         sel = _top_mask(_top_keys(zb, valid, KEY_BITS), k_chunk, KEY_BITS)
         dst = tl.cumsum(sel.to(tl.int32), 0) - 1
         tl.store(slot + dst, zb, mask=sel)
@@ -128,30 +128,30 @@ def _chunk_kernel(base_ptr, stride_b, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr,
 
 
 @triton.jit
-def _merge_whole(val_ptr, tok_ptr, n_chunks, K_MAX: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+def _merge_whole(val_ptr, tok_ptr, n_chunks, K_TILE: tl.constexpr, CHUNKS_PAD: tl.constexpr):
     """(token, log-prob) of a whole-vocabulary row from its chunks' statistics."""
     c = tl.arange(0, CHUNKS_PAD)
     cm = c < n_chunks
-    m = tl.load(val_ptr + c * K_MAX, mask=cm, other=float("-inf"))
+    m = tl.load(val_ptr + c * K_TILE, mask=cm, other=float("-inf"))
     top = tl.max(m, 0)
-    total = tl.sum(tl.load(val_ptr + c * K_MAX + 1, mask=cm, other=0.0) * tl.exp(m - top), 0)
-    pick = c == tl.argmax(tl.load(val_ptr + c * K_MAX + 2, mask=cm, other=float("-inf")), 0)
-    s = tl.sum(tl.where(pick, tl.load(val_ptr + c * K_MAX + 3, mask=cm, other=0.0), 0.0), 0)
-    tok = tl.sum(tl.where(pick, tl.load(tok_ptr + c * K_MAX, mask=cm, other=0), 0), 0)
+    total = tl.sum(tl.load(val_ptr + c * K_TILE + 1, mask=cm, other=0.0) * tl.exp(m - top), 0)
+    pick = c == tl.argmax(tl.load(val_ptr + c * K_TILE + 2, mask=cm, other=float("-inf")), 0)
+    s = tl.sum(tl.where(pick, tl.load(val_ptr + c * K_TILE + 3, mask=cm, other=0.0), 0.0), 0)
+    tok = tl.sum(tl.where(pick, tl.load(tok_ptr + c * K_TILE, mask=cm, other=0), 0), 0)
     return tok, s - top - tl.log(total)
 
 
 @triton.jit
 def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr, pos_ptr, row, V, n_chunks,
-                 HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr, K_MAX: tl.constexpr,
+                 HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr, K_TILE: tl.constexpr,
                  CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
     """(token, log-prob) of a top-k row from the union of its chunks' top k."""
     # chunk-major, and each chunk's entries in token order: tile order is token order, as the tie rule
     # of _top_mask needs to agree with the chunk kernel's
-    e = tl.arange(0, CHUNKS_PAD * K_MAX)
-    c = e // K_MAX
-    kk = tl.minimum(k, K_MAX)
-    ok = (c < n_chunks) & (e % K_MAX < tl.minimum(kk, V - c * CHUNK))
+    e = tl.arange(0, CHUNKS_PAD * K_TILE)
+    c = e // K_TILE
+    kk = tl.minimum(k, K_TILE)
+    ok = (c < n_chunks) & (e % K_TILE < tl.minimum(kk, V - c * CHUNK))
     zb = tl.load(val_ptr + e, mask=ok, other=float("-inf"))
     toks = tl.load(tok_ptr + e, mask=ok, other=0)
     cand = _top_mask(_top_keys(zb, ok, KEY_BITS), kk, KEY_BITS) & ok
@@ -163,15 +163,15 @@ def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr,
 @triton.jit
 def _merge_kernel(val_ptr, tok_ptr, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr,
                   out_tok_ptr, out_lp_ptr, V, n_chunks, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
-                  K_MAX: tl.constexpr, CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
+                  K_TILE: tl.constexpr, CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    base = row * n_chunks * K_MAX
+    base = row * n_chunks * K_TILE
     k = tl.load(k_ptr + row)
     if k >= V:
-        tok, logprob = _merge_whole(val_ptr + base, tok_ptr + base, n_chunks, K_MAX, CHUNKS_PAD)
+        tok, logprob = _merge_whole(val_ptr + base, tok_ptr + base, n_chunks, K_TILE, CHUNKS_PAD)
     else:
         tok, logprob = _merge_top_k(val_ptr + base, tok_ptr + base, reward_ptr, row * stride_r, k, w_ptr,
-                                    t_ptr, seed_ptr, pos_ptr, row, V, n_chunks, HAS_REWARD, CHUNK, K_MAX,
+                                    t_ptr, seed_ptr, pos_ptr, row, V, n_chunks, HAS_REWARD, CHUNK, K_TILE,
                                     CHUNKS_PAD, KEY_BITS)
     tl.store(out_tok_ptr + row, tok.to(tl.int64))
     tl.store(out_lp_ptr + row, logprob)
@@ -187,8 +187,8 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     reward_logits [N, >= V] or None, then per-row top_k, weight, temperature, seed, position [N].
     Returns (token_ids int64 [N], logprobs float32 [N]); token ids go into `out` when given.
     `max_k` <= K_MAX (a host int bounding every row's k) tells that no row needs the torch fallback,
-    which spares the host sync of looking. Inside CUDA-graph capture, rows need top_k in [1, K_MAX], 0
-    or >= V (others are not checked)."""
+    which spares the host sync of looking, and lets the kernels keep fewer candidates per chunk.
+    Inside CUDA-graph capture, rows need top_k in [1, K_MAX], 0 or >= V (others are not checked)."""
     n, vocab = base_logits.shape
     dev = base_logits.device
     tokens = out if out is not None else torch.empty(n, dtype=torch.int64, device=dev)
@@ -206,16 +206,18 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
         reward = reward_logits if reward_logits.stride(-1) == 1 else reward_logits.contiguous()
     chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(vocab, MAX_CHUNKS)))
     key_bits = KEY_BITS[base.dtype]
+    # candidates kept per chunk: the batch's largest k, rounded up (k = 10 keeps 16, not 256)
+    k_tile = K_MAX if max_k is None or max_k > K_MAX else max(16, triton.next_power_of_2(max_k))
     n_chunks = triton.cdiv(vocab, chunk)
     chunks_pad = triton.next_power_of_2(n_chunks)
-    vals = torch.empty(n, n_chunks, K_MAX, dtype=torch.float32, device=dev)
-    toks = torch.empty(n, n_chunks, K_MAX, dtype=torch.int32, device=dev)
+    vals = torch.empty(n, n_chunks, k_tile, dtype=torch.float32, device=dev)
+    toks = torch.empty(n, n_chunks, k_tile, dtype=torch.int32, device=dev)
     _chunk_kernel[(n, n_chunks)](base, base.stride(0), reward, reward.stride(0), k, weight, temperature,
                                  seed, position, vals, toks, vocab, HAS_REWARD=has_reward, CHUNK=chunk,
-                                 K_MAX=K_MAX, KEY_BITS=key_bits, num_warps=_warps(chunk))
+                                 K_TILE=k_tile, KEY_BITS=key_bits, num_warps=_warps(chunk))
     _merge_kernel[(n,)](vals, toks, reward, reward.stride(0), k, weight, temperature, seed, position,
-                        tokens, logprobs, vocab, n_chunks, HAS_REWARD=has_reward, CHUNK=chunk, K_MAX=K_MAX,
-                        CHUNKS_PAD=chunks_pad, KEY_BITS=key_bits, num_warps=_warps(chunks_pad * K_MAX))
+                        tokens, logprobs, vocab, n_chunks, HAS_REWARD=has_reward, CHUNK=chunk, K_TILE=k_tile,
+                        CHUNKS_PAD=chunks_pad, KEY_BITS=key_bits, num_warps=_warps(chunks_pad * k_tile))
     maybe_wide = vocab > K_MAX and (max_k is None or max_k > K_MAX)
     if maybe_wide and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         rows = torch.nonzero((k > K_MAX) & (k < vocab)).squeeze(1)

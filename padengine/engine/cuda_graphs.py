@@ -64,7 +64,8 @@ class DecodeGraphs:
                    self.runner.max_model_len)
         width = -(-span // self.runner.cfg.block_size)
         step = self.runner.layout(decode, [], (rows, reward_rows), width)
-        step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab)    # one sampler width per graph
+        # one sampler width per graph: the whole vocabulary, or the largest k rounded up to a power of two
+        step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, 1 << (max(ks) - 1).bit_length()))
         key = (rows, reward_rows, step.max_k, width)
         g = self.graphs.get(key)
         if g is None:
