@@ -20,7 +20,9 @@ def make_engine(args, **kw):
     from padengine import Engine
     from padengine.default_model import default_model_path
     path = args.model or default_model_path()
-    return Engine(path, args.reward or path, device=args.device, dtype=args.dtype, **kw)
+    return Engine(path, args.reward or path, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                  cuda_graphs=args.cuda_graphs, max_model_len=args.max_model_len,
+                  max_num_batched_tokens=args.max_num_batched_tokens, **kw)
 
 
 def sampling(args, **overrides):
@@ -111,6 +113,13 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--reward", help="reward model folder (default: the base model guides itself)")
         c.add_argument("--device", default="cpu")
         c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        c.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "flash"],
+                       help="auto: Triton (or flash-attn) on CUDA, the torch reference on the CPU")
+        c.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay decode steps from CUDA graphs (default: on CUDA)")
+        c.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the models' limit)")
+        c.add_argument("--max-num-batched-tokens", type=int,
+                       help="tokens per step; longer prompts are prefilled in chunks (default: 8192)")
         c.set_defaults(func=func)
         return c
 

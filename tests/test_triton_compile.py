@@ -33,6 +33,7 @@ KERNELS = [
      dict(GROUP=4, D=128, D_PAD=128, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, PRECISION="tf32"), 8),
     ("kv_write", "_write_kv_kernel", dict(k_ptr=BF16, v_ptr=BF16, kc_ptr=BF16, vc_ptr=BF16, slot_ptr="*i64"),
      dict(KV_HEADS=8, D=128, H_PAD=8, D_PAD=128, BLOCK_SIZE=16), 4),
+    ("activation", "_silu_and_mul_kernel", dict(x_ptr=BF16, out_ptr=BF16), dict(BLOCK=1024), 4),
     ("rms_norm", "_rms_norm_kernel", dict(x_ptr=BF16, res_ptr=BF16, w_ptr=BF16, out_ptr=BF16, eps="fp32"),
      dict(HAS_RESIDUAL=True, BLOCK=4096), 16),
     ("rotary", "_rotary_kernel", dict(q_ptr=BF16, k_ptr=BF16, pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32"),

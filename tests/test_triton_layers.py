@@ -1,4 +1,5 @@
-"""The Triton RMSNorm (residual add fused) and rotary embedding against the torch layers they replace.
+"""The Triton RMSNorm (residual add fused), rotary embedding and SiLU-and-multiply against the torch
+layers they replace.
 
 Without CUDA the kernels run in Triton's interpreter (switched on before triton is imported), on small
 shapes; `gpu` tests use Llama-3-8B widths in bf16. Inputs are fresh random values each run.
@@ -14,7 +15,7 @@ import pytest  # noqa: E402
 
 import triton_kernels  # noqa: E402
 from padengine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from padengine.models.llama import rms_norm  # noqa: E402
+from padengine.models.llama import rms_norm, silu_and_mul  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -61,8 +62,20 @@ def test_rotary_matches_torch(dtype):
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
 
 
+def check_silu_and_mul(tokens, inter, dtype):
+    x = (torch.randn(tokens, 2 * inter, device=DEV) * 3).to(dtype)
+    torch.testing.assert_close(triton_kernels.silu_and_mul(x), silu_and_mul(x), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul_matches_torch(dtype):
+    """An intermediate size that is not a multiple of the kernel's block (two blocks, the last partial)."""
+    check_silu_and_mul(3, 1100, dtype)
+
+
 @pytest.mark.gpu
 @cuda_only
 def test_gpu_llama_widths_bf16():
     check_rms_norm(300, 4096, torch.bfloat16)
     check_rotary(300, 32, 8, 128, torch.bfloat16)
+    check_silu_and_mul(300, 14336, torch.bfloat16)

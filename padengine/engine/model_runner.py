@@ -17,7 +17,7 @@ from padengine.engine.sequence import Request
 from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, Uploader, layout_step
 from padengine.errors import require
 from padengine.layers.sampler import merge_rewards, pad_sample
-from padengine.models.llama import Attention, RMSNorm
+from padengine.models.llama import MLP, Attention, RMSNorm
 from padengine.models.loader import load_config, load_model, load_value_head
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class ModelRunner:
             for module in model.modules():
                 if isinstance(module, RMSNorm):
                     module.kernel = triton_kernels.rms_norm
+                elif isinstance(module, MLP):
+                    module.act = triton_kernels.silu_and_mul
                 elif isinstance(module, Attention):
                     module.store, module.attend = triton_kernels.write_kv, attend
         self.sample = triton_kernels.pad_sample
