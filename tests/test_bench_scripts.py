@@ -27,3 +27,14 @@ def test_throughput_smoke(llama, persrm, tmp_path):
          "--num-prompts", "3", "--max-tokens", "5", "--json", str(tmp_path / "t.json")], tmp_path)
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["identical_outputs"] == 3 and result["speedup"] > 0
+
+
+def test_prefill_stall_smoke(llama, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": f"write a short poem about the sea number {i}"} for i in range(12)]))
+    stdout = run(["benchmarks/prefill_stall.py", "--model", llama, "--prompts", str(prompts), "--running", "2",
+                  "--long-tokens", "60", "--chunk", "16", "--max-tokens", "4", "--json", str(tmp_path / "s.json")],
+                 tmp_path)
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["chunked"]["max_num_batched_tokens"] == 16 and result["whole"]["max_gap_ms"] > 0
+    assert "| chunked | 16 |" in stdout

@@ -86,3 +86,18 @@ def test_forget_unpublishes_blocks_of_a_failed_step():
     b = Sequence(list(range(13)), 0)
     pool.allocate(b)
     assert b.num_cached_tokens == 4
+
+
+def test_rematch_swaps_in_blocks_published_after_allocation():
+    pool = BlockManager(num_blocks=16, block_size=4)
+    a, b = Sequence(list(range(13)), 0), Sequence(list(range(13)), 0)
+    pool.allocate(a)
+    pool.allocate(b)                                      # nothing published yet: b owns all its blocks
+    own = list(b.block_table)
+    pool.publish(a, 8)                                    # a's first chunk computed blocks 0 and 1
+    pool.rematch(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_computed_tokens == 8
+    assert b.block_table[2:] == own[2:] and pool.num_free == 16 - 4 - 2      # b's two copies went back
+    pool.publish(a, 13)
+    pool.rematch(b)                                       # block 2 now too, never the last token's block
+    assert b.block_table[:3] == a.block_table[:3] and b.block_table[3] == own[3] and b.num_computed_tokens == 12

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from padengine import Engine
+from padengine import Engine, SamplingParams
 from tests.helpers import random_batch, reference
 
 
@@ -69,3 +69,21 @@ def test_failed_chunk_leaves_no_unwritten_blocks_published(llama, persrm, tokeni
     monkeypatch.setattr(engine.runner, "run", run_step)
     assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
     assert all(p.num_used == 0 for p in engine.runner.pools)
+
+
+def test_reward_prompt_equal_to_base_prompt_is_prefilled_once(qwen2, tokenizer):
+    """One model, reward prompt = base prompt: as the base stream's chunks publish blocks, the reward
+    stream swaps them in (`BlockManager.rematch`) instead of computing the prompt a second time."""
+    prompt = [random.Random(16).randrange(4, 300) for _ in range(60)]
+    engine = Engine(qwen2, qwen2, block_size=4, max_num_batched_tokens=8)
+    computed, schedule = [], engine.scheduler.schedule
+
+    def spy():
+        decode, prefill = schedule()
+        computed.append(sum(s.step_end - s.num_computed_tokens for r in prefill for s in r.streams))
+        return decode, prefill
+
+    engine.scheduler.schedule = spy
+    params = [SamplingParams(max_tokens=6, weight=1.0, ignore_eos=True)]
+    assert generate(engine, [prompt], [prompt], params) == reference(qwen2, qwen2, [prompt], [prompt], params)
+    assert sum(computed) <= len(prompt) + 4          # the reward stream computes its last block only

@@ -72,6 +72,28 @@ class BlockManager:
             prev = h or b""
         seq.num_computed_tokens = seq.num_cached_tokens
 
+    def rematch(self, seq: Sequence) -> None:
+        """Swap published blocks in for seq's own not yet computed ones, where another stream has
+        published the same prefix since seq was allocated (a reward prompt equal to the base prompt,
+        whose prefill advances chunk by chunk): seq skips computing them."""
+        bs = self.block_size
+        i = seq.num_computed_tokens // bs
+        while seq.num_computed_tokens == i * bs and (i + 1) * bs < len(seq):    # never the last token's
+            own = self.blocks[seq.block_table[i]]
+            found = self.cached.get(own.hash) if own.hash is not None else None
+            if found is None or found == own.id or self.blocks[found].tokens != own.tokens:
+                return
+            own.ref_count -= 1
+            if own.ref_count == 0:
+                self.free[own.id] = None
+            block = self.blocks[found]
+            if block.ref_count == 0:
+                del self.free[found]
+            block.ref_count += 1
+            seq.block_table[i] = found
+            seq.num_computed_tokens += bs
+            i += 1
+
     def publish(self, seq: Sequence, num_tokens: int) -> None:
         """Make seq's full blocks within its first num_tokens tokens findable by later allocations."""
         for block_id in seq.block_table[:num_tokens // self.block_size]:
@@ -90,7 +112,8 @@ class BlockManager:
 
     def forget(self, seq: Sequence) -> None:
         """Drop the cache entries of seq's blocks past its computed tokens: they were published for a
-        step that failed, so their KV was never written and later requests must not reuse them."""
+        step that failed, so their KV was never written and later requests must not reuse them (streams
+        that took them in that step are preempted by the engine)."""
         for block_id in seq.block_table[seq.num_computed_tokens // self.block_size:]:
             block = self.blocks[block_id]
             if block.hash is not None and self.cached.get(block.hash) == block_id:
@@ -106,9 +129,10 @@ class BlockManager:
         bs, n = self.block_size, len(seq) - 1      # n tokens are already in the cache
         if n % bs == 0 and n > 0:
             i = n // bs - 1                         # the block the previous step filled
-            prev = (self.blocks[seq.block_table[i - 1]].hash or b"") if i > 0 else b""
-            tokens = seq.token_ids[n - bs:n]
-            self._register(self.blocks[seq.block_table[i]], chain_hash(prev, tokens), tokens)
+            prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else b""
+            if prev is not None:                    # a block whose prefix has no hash gets none either
+                tokens = seq.token_ids[n - bs:n]
+                self._register(self.blocks[seq.block_table[i]], chain_hash(prev, tokens), tokens)
         if self.needs_block(seq):
             seq.block_table.append(self._take().id)
 
@@ -122,4 +146,4 @@ class BlockManager:
 
     def _register(self, block: Block, h: bytes, tokens: list[int]) -> None:
         block.hash, block.tokens = h, list(tokens)
-        self.cached[h] = block.id
+        self.cached.setdefault(h, block.id)

@@ -94,6 +94,11 @@ class Engine:
             for req in prefill:
                 for s in req.streams:
                     self.runner.pools[s.pool].forget(s)
+            # a stream may count blocks another one published for this step as computed: every prefilling
+            # request goes back to the queue, to recompute from what the cache really holds
+            for req in reversed(prefill):
+                self.scheduler.running.remove(req)
+                self.scheduler.preempt(req)
             raise
         sampled = decode + [r for r in prefill if r.samples_this_step]
         for req in decode + prefill:

@@ -85,9 +85,10 @@ class ModelRunner:
 
     def _activation_bytes(self, elem: int) -> int:
         """About the most one step's activations take: every model (they run at once on two streams)
-        over a step's tokens (at most max_batched_tokens, as prefills are chunked), at its widest point
+        over a step's tokens (prefill chunks fill what decoding leaves of max_batched_tokens; allow one
+        decode row more per sequence for a step whose decoding alone passes it), at its widest point
         (residual, normed input and the MLP's gate/up and product, or the attention projections)."""
-        tokens, total = self.max_batched_tokens, 0
+        tokens, total = self.max_batched_tokens + self.cfg.max_num_seqs, 0
         for m in self.models:
             c = m.config
             attn = 2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim

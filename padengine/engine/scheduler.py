@@ -2,9 +2,10 @@
 
 A step decodes one token for every running request and, in the same forward pass, prefills: first the
 requests whose chunked prefill is under way, then requests admitted from the queue (new ones, or
-preempted ones resuming). The step's tokens (every stream's) stay within max_num_batched_tokens: a
-prompt that does not fit is prefilled in chunks over several steps, each stream up to its last token,
-and the step that computes the last tokens of all of a request's streams samples its first token.
+preempted ones resuming). Prefill work stays within what decoding leaves of max_num_batched_tokens
+(every stream's token counts; decoding itself is never cut): a prompt that does not fit is prefilled in
+chunks over several steps, each stream up to its last token, and the step that computes the last tokens
+of all of a request's streams samples its first token.
 Running requests come first: when one cannot get a block, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its
 prefix blocks are usually still cached). Admission is first come, first served, bounded by
@@ -62,11 +63,11 @@ class Scheduler:
         for req in (r for r in kept if r.is_prefilling):
             if budget <= 0:
                 break
-            budget -= self._chunk(req, budget, first=not prefill)
+            budget -= self._chunk(req, budget)
             prefill.append(req)
-        return decode, prefill + self._admit(budget, first=not prefill)
+        return decode, prefill + self._admit(budget)
 
-    def _admit(self, budget: int, first: bool) -> list[Request]:
+    def _admit(self, budget: int) -> list[Request]:
         """Waiting requests, first come first served, while sequences, tokens and blocks last."""
         prefill = []
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
@@ -74,7 +75,7 @@ class Scheduler:
             if not self._can_allocate(req):
                 break
             self.waiting.popleft()
-            budget -= self._chunk(req, budget, first=first and not prefill, allocate=True)
+            budget -= self._chunk(req, budget, allocate=True)
             req.status = Status.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.perf_counter()
@@ -83,21 +84,23 @@ class Scheduler:
             prefill.append(req)
         return prefill
 
-    def _chunk(self, req: Request, budget: int, first: bool, allocate: bool = False) -> int:
+    def _chunk(self, req: Request, budget: int, allocate: bool = False) -> int:
         """Schedule the next part of req's prefill within `budget` tokens (set each stream's step_end)
         and publish the blocks it computes; returns the tokens used. Each stream stops short of its last
-        token unless all the last tokens fit too; the first prefill of a step always finishes its last
-        tokens if it reached them, so no request waits forever."""
+        token unless all the last tokens fit too (a request left with only its last tokens to compute
+        takes the decode path next step)."""
         used = 0
         for s in req.streams:
             pool = self.pools[s.pool]
             if allocate:
                 pool.allocate(s)        # stream by stream: a later stream may hit blocks published just now
+            else:
+                pool.rematch(s)
             take = max(0, min(len(s) - 1 - s.num_computed_tokens, budget - used))
             s.step_end = s.num_computed_tokens + take
             used += take
             pool.publish(s, s.step_end)
-        if budget - used >= len(req.streams) or (first and used == 0):
+        if budget - used >= len(req.streams):
             for s in req.streams:
                 s.step_end = len(s)
                 self.pools[s.pool].publish(s, len(s))

@@ -86,6 +86,6 @@ def merge_rewards(base_logits, reward_rows, owner, weights):
     rows = reward_rows.float()
     merged = per_row(rows * torch.where(multi_owner, weights, 1.0)[:, None])[:n]
     single = per_row(torch.where(multi_owner, 0.0, weights))[:n]
-    base_share = torch.where(multi, 1 - per_row(weights), 0.0)[:n]
-    merged[:, :vocab] += base_share[:, None] * base_logits.float()    # + 0 leaves one-stream rows exact
+    base_share = (1 - per_row(weights))[:n, None] * base_logits.float()
+    merged[:, :vocab] += torch.where(multi[:n, None], base_share, 0.0)    # + 0: one-stream rows stay exact
     return merged, torch.where(multi[:n], 1.0, single)
