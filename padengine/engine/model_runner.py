@@ -155,7 +155,7 @@ class ModelRunner:
         host, so a CUDA graph can capture it for a decode step."""
         hidden = self._forward_all(x.models)
         if not x.num_rows:         # only chunks of prefills that do not finish in this step
-            return torch.empty(0, dtype=torch.long), torch.empty(0)
+            return torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, device=self.device)
         base_logits = self.models[0].logits(hidden[0][:x.num_rows])
         t = x.tensors
         reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)

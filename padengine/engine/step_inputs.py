@@ -44,23 +44,29 @@ class Fields:
 
 
 class Uploader:
-    """Host lists to device tensors, one copy each; on CUDA through pinned buffers reused every step
-    (safe: a step ends by reading its results, so the previous step's copies have completed)."""
+    """Host lists to device tensors, one copy each; on CUDA through a pinned buffer per dtype, reused:
+    before refilling one, the host waits for the event recorded after its last copy (a step that
+    samples nothing ends without reading results, so nothing else guarantees that copy is done)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.staging: dict[torch.dtype, torch.Tensor] = {}
+        self.copied: dict[torch.dtype, torch.cuda.Event] = {}
 
     def __call__(self, values: list, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         host = torch.tensor(values, dtype=dtype)
         if self.device.type == "cpu":
             return host if out is None else out.copy_(host)
+        if dtype in self.copied:
+            self.copied[dtype].synchronize()
         staging = self.staging.get(dtype)
         if staging is None or staging.numel() < host.numel():
             staging = self.staging[dtype] = torch.empty(max(host.numel(), 4096) * 2, dtype=dtype, pin_memory=True)
         staging[:host.numel()].copy_(host)
         out = torch.empty(host.numel(), dtype=dtype, device=self.device) if out is None else out
-        return out.copy_(staging[:host.numel()], non_blocking=True)
+        out.copy_(staging[:host.numel()], non_blocking=True)
+        self.copied.setdefault(dtype, torch.cuda.Event()).record()
+        return out
 
 
 @dataclass
