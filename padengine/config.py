@@ -51,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"device: {e}") from e
         cuda = self.torch_device.type == "cuda"
         require(not cuda or torch.cuda.is_available(), "device", "CUDA is not available")
+        if cuda and self.torch_device.index is None:     # torch.cuda.set_device needs an index
+            self.torch_device = torch.device("cuda", torch.cuda.current_device())
         require(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kernels == "auto":      # flash-attn takes fp16/bf16 only
             flash = self.dtype != "float32" and flash_attn_available()

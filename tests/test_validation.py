@@ -4,6 +4,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -140,3 +141,16 @@ def test_bad_engine_arguments(llama, kwargs, field):
     with pytest.raises(InvalidInput) as err:
         Engine(llama, **kwargs)
     assert err.value.field == field
+
+
+def test_cuda_device_gets_an_index(monkeypatch):
+    """`device="cuda"` resolves to the current device's index: torch.cuda.set_device (which the runner
+    calls per thread) refuses a CUDA device without one. Checked without a GPU by faking its presence."""
+    from torch.cuda._utils import _get_device_index
+    from padengine.config import EngineConfig
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = EngineConfig("unused", device="cuda", dtype="bfloat16")
+    assert cfg.torch_device == torch.device("cuda", 0) and _get_device_index(cfg.torch_device) == 0
+    assert cfg.kernels in ("triton", "flash") and cfg.cuda_graphs
+    assert EngineConfig("unused", device="cuda:0").torch_device.index == 0
