@@ -15,6 +15,10 @@ class SamplingParams:
     ignore_eos: bool = False
     preference_in_base: bool = True  # the base model also sees the preference (as the PAD authors do)
 
+    def num_candidates(self, vocab_size: int) -> int:
+        """The base candidates this request's rows score: top_k, or the whole vocabulary."""
+        return vocab_size if self.top_k <= 0 or self.top_k >= vocab_size else self.top_k
+
     def validate(self, field: str, vocab_size: int) -> None:
         """Raise InvalidInput naming `field`.<attribute> for any value out of range."""
         require_int(self.max_tokens, f"{field}.max_tokens")

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from padengine.layers.sampler import MAX_FUSED_TOP_K as K_MAX
+from padengine.layers.sampler import num_candidates
 from padengine.layers.sampler import pad_sample as torch_pad_sample
 
 MAX_CHUNKS = 32         # bounds the merge kernel's tile to MAX_CHUNKS * K_TILE entries (K_TILE <= K_MAX)
@@ -196,7 +197,7 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     if n == 0:
         return tokens, logprobs
     top_k = top_k.to(dev)
-    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).to(torch.int32)
+    k = num_candidates(top_k, vocab).to(torch.int32)
     weight, temperature = weight.to(dev, torch.float32), temperature.to(dev, torch.float32)
     seed, position = seed.to(dev, torch.int64), position.to(dev, torch.int64)
     base = base_logits if base_logits.stride(-1) == 1 else base_logits.contiguous()

@@ -3,11 +3,10 @@
 A decode-only step is padded to a bucket of rows (requests) and of reward streams, and its block tables
 to a bucket of context length (a power of two from MIN_SPAN tokens up to `max_model_len`: attention sizes
 its split-K work by that width, and the host uploads tables at most twice as wide as needed). Per bucket,
-the runner's `compute` (both models' forwards
-on their two streams, both LM heads, the reward merge and the sampler) is captured once over static
-input buffers; a replay refills them with the step's two host-to-device copies, and the runner then
-makes its one device-to-host copy of the results. A bucket is captured on its first step, after an eager
-run of the same inputs that compiles the Triton kernels.
+the runner's `compute` (both models' forwards on their two streams, both LM heads, the reward merge and
+the sampler) is captured once over static input buffers; a replay refills them with the step's two
+host-to-device copies, and the runner then makes its one device-to-host copy of the results. A bucket is
+captured on its first step, after an eager run of the same inputs that compiles the Triton kernels.
 
 Steps that do not fit run eagerly: any prefill, more rows than the largest bucket, or a row whose top-k
 lies between MAX_FUSED_TOP_K and the vocabulary (the fused sampler sends those to torch, which a graph
@@ -55,17 +54,17 @@ class DecodeGraphs:
     def run(self, decode: list[Request]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The step's (token ids, log-probabilities) on the device, padded; None if it needs eager."""
         vocab = self.runner.vocab_size
-        ks = [vocab if r.params.top_k <= 0 or r.params.top_k >= vocab else r.params.top_k for r in decode]
+        ks = [r.params.num_candidates(vocab) for r in decode]
         num_rewards = sum(len(r.rewards) for r in decode)
         rows, reward_rows = self._bucket(len(decode)), self._bucket(num_rewards) if num_rewards else 0
         if rows is None or reward_rows is None or any(MAX_FUSED_TOP_K < k < vocab for k in ks):
             return None
-        span = min(max(MIN_SPAN, 1 << (max(len(s) for r in decode for s in r.streams) - 1).bit_length()),
+        span = min(max(MIN_SPAN, _pow2_ceil(max(len(s) for r in decode for s in r.streams))),
                    self.runner.max_model_len)
         width = -(-span // self.runner.cfg.block_size)
         step = self.runner.layout(decode, [], (rows, reward_rows), width)
         # one sampler width per graph: the whole vocabulary, or the largest k rounded up to a power of two
-        step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, 1 << (max(ks) - 1).bit_length()))
+        step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, _pow2_ceil(max(ks))))
         key = (rows, reward_rows, step.max_k, width)
         g = self.graphs.get(key)
         if g is None:
@@ -90,6 +89,11 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 tokens, logprobs = r.compute(inputs)
             graph.replay()      # capture records without running: replay writes the same K/V again
-            logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d, %d blocks per table",
-                        step.num_rows, step.num_rewards, step.max_k, inputs.models[0].batch.block_tables.shape[1])
+            logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d, "
+                        "%d blocks per table", step.num_rows, step.num_rewards, step.max_k,
+                        inputs.models[0].batch.block_tables.shape[1])
         return Graph(ints, floats, inputs, tokens, logprobs, graph)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length()

@@ -106,9 +106,8 @@ class ModelRunner:
             if budget is None and self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 peak = self._activation_bytes(elem)
-                require(peak < free, "max_model_len", "a step's activations need about "
-                        f"{peak / 2**30:.1f} GiB of activations, more than the {free / 2**30:.1f} GiB free: lower "
-                        "max_model_len or max_num_batched_tokens")
+                require(peak < free, "max_num_batched_tokens", f"a step's activations need about "
+                        f"{peak / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free: lower it")
                 budget = int((free - peak) * GPU_KV_FRACTION)
             elif budget is None:
                 full = cfg.max_num_seqs * 2 * -(-self.max_model_len // bs) * sum(block_bytes)

@@ -145,8 +145,8 @@ def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int 
     if num_rewards:
         fields.add("owner", [i for i, _, _ in owners] + [rows] * (num_rewards - len(owners)))
         fields.add("weights", [w for _, _, w in owners] + [0.0] * (num_rewards - len(owners)), floating=True)
-    ks = [vocab if x.top_k <= 0 or x.top_k >= vocab else x.top_k for x in p] or [1]
-    return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, max(ks))
+    max_k = max((x.num_candidates(vocab) for x in p), default=1)
+    return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, max_k)
 
 
 def _layout_model(fields: Fields, m: int, picked: list[Sequence | None], extra: list[Sequence],

@@ -36,11 +36,17 @@ def gumbel_from_hash(h: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def num_candidates(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Per row, the base candidates scored: top_k, or the whole vocabulary for 0 or past it (as
+    `SamplingParams.num_candidates` on the host)."""
+    return torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+
+
 def pad_scores(base_logits, reward_logits, top_k, weight, max_k=None):
     """Candidate ids [N, K] (base top-k, K = max_k or else the largest k of the batch) and their PAD
     scores (-inf past a row's own k)."""
     vocab = base_logits.shape[-1]
-    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    k = num_candidates(top_k, vocab)
     kmax = min(max_k, vocab) if max_k is not None else int(k.max())    # int(): a host sync
     zb, cand = base_logits.float().topk(kmax, dim=-1)
     invalid = torch.arange(kmax, device=zb.device)[None, :] >= k[:, None]
