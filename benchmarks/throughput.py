@@ -1,7 +1,8 @@
 """Throughput: the engine against the transformers PAD loop (benchmarks/baselines/hf_pad.py), side by side.
 
-Same models, the same P-Soups prompts, the same number of tokens (ignore_eos), greedy float32; the run
-also reports whether both produced the same tokens. Example (the README's figure):
+Same models, the same P-Soups prompts, the same number of tokens (ignore_eos), greedy; the baseline runs
+one request at a time (as the authors do) and as one left-padded batch (`HFPad.generate_batch`). The run
+also reports whether they produced the engine's tokens. Example (the README's figures):
 
     python benchmarks/throughput.py --num-prompts 16 --max-tokens 64
 """
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kernels", default="auto")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -42,7 +44,7 @@ def main() -> None:
     base_path = args.model or default_model_path()
     reward_path = args.reward or base_path
     prompts = [x["prompt"] for x in json.load(open(args.prompts))][:args.num_prompts]
-    engine = Engine(base_path, reward_path, device=args.device, dtype=args.dtype)
+    engine = Engine(base_path, reward_path, device=args.device, dtype=args.dtype, kernels=args.kernels)
     base_ids = [encode(engine.tokenizer, user_message(q, None)) for q in prompts]
     reward_ids = [encode(engine.reward_tokenizer, user_message(q, PREFERENCE)) for q in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, top_k=args.top_k, weight=args.weight, ignore_eos=True)
@@ -55,7 +57,7 @@ def main() -> None:
                            use_tqdm=True)
     engine_s = time.perf_counter() - t
     result = {"prompts": len(prompts), "max_tokens": args.max_tokens, "device": args.device,
-              "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "dtype": args.dtype, "kernels": engine.config.kernels, "threads": torch.get_num_threads(),
               "engine_tokens_per_s": total / engine_s, "engine_s": engine_s}
     if not args.skip_baseline:
         ref = HFPad.load(base_path, reward_path, dtype=engine.config.torch_dtype, device=args.device)
@@ -66,13 +68,21 @@ def main() -> None:
         base_s = time.perf_counter() - t
         result.update(baseline_tokens_per_s=total / base_s, baseline_s=base_s, speedup=base_s / engine_s,
                       identical_outputs=sum(o.token_ids == r for o, r in zip(outs, ref_out)))
+        t = time.perf_counter()
+        batch_out = ref.generate_batch(base_ids, [reward_ids], [args.weight], args.max_tokens, args.top_k)
+        batch_s = time.perf_counter() - t
+        result.update(batched_tokens_per_s=total / batch_s, batched_s=batch_s, batched_speedup=batch_s / engine_s,
+                      batched_identical_outputs=sum(o.token_ids == r for o, r in zip(outs, batch_out)))
     print(f"\n{len(prompts)} prompts x {args.max_tokens} tokens, {args.device} {args.dtype}, "
-          f"{result['threads']} threads")
+          f"kernels={engine.config.kernels}, {result['threads']} threads")
     print(f"engine                 {result['engine_tokens_per_s']:8.1f} tokens/s")
     if not args.skip_baseline:
         print(f"transformers PAD loop  {result['baseline_tokens_per_s']:8.1f} tokens/s")
         print(f"speedup                {result['speedup']:8.2f}x   "
               f"(identical outputs: {result['identical_outputs']}/{len(prompts)})")
+        print(f"batched PAD loop       {result['batched_tokens_per_s']:8.1f} tokens/s")
+        print(f"speedup                {result['batched_speedup']:8.2f}x   "
+              f"(identical outputs: {result['batched_identical_outputs']}/{len(prompts)})")
     if args.json:
         json.dump(result, open(args.json, "w"), indent=2)
 

@@ -78,10 +78,12 @@ def generate(args) -> None:
 def serve(args) -> None:
     from padengine.serving.async_engine import AsyncEngine
     from padengine.serving.server import serve as run_server
+    if args.max_preferences < 1:
+        raise InvalidInput("max_preferences", f"must be at least 1, got {args.max_preferences}")
     engine = AsyncEngine(make_engine(args, max_num_seqs=args.max_num_seqs), max_queue=args.max_queue)
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.engine.config.base_model))
     print(f"padengine: serving {name!r} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    run_server(engine, name, args.host, args.port, args.max_body_bytes)
+    run_server(engine, name, args.host, args.port, args.max_body_bytes, args.max_preferences)
 
 
 def bench(args) -> None:
@@ -113,8 +115,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--reward", help="reward model folder (default: the base model guides itself)")
         c.add_argument("--device", default="cpu")
         c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        c.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "flash"],
-                       help="auto: Triton (or flash-attn) on CUDA, the torch reference on the CPU")
+        c.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "flash", "cpp"],
+                       help="auto: Triton (or flash-attn) on CUDA; on the CPU the C++ kernels, or torch where they do not build")
         c.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay decode steps from CUDA graphs (default: on CUDA)")
         c.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the models' limit)")
@@ -149,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get HTTP 429")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-preferences", type=int, default=8,
+                   help="preferences (reward streams) one request may carry; more get HTTP 400")
     s.add_argument("--served-model-name", help="the model name clients use (default: the folder name)")
 
     b = command("bench", bench, "throughput and latency (TTFT, TPOT p50/p99) at a request rate or fixed batch")

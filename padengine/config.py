@@ -5,12 +5,13 @@ from dataclasses import dataclass
 import torch
 
 from padengine.errors import require
+from padengine.kernels import cpp_unavailable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_BYTES = 2 << 30          # default KV budget on the CPU (both pools together)
 GPU_KV_FRACTION = 0.85          # default KV budget on CUDA: this share of the memory free after loading
 DEFAULT_BATCHED_TOKENS = 8192   # tokens per step (longer prompts are prefilled in chunks)
-KERNELS = ("auto", "torch", "triton", "flash")
+KERNELS = ("auto", "torch", "triton", "flash", "cpp")
 
 
 def flash_attn_available() -> bool:
@@ -37,11 +38,14 @@ class EngineConfig:
     max_model_len: int | None = None       # prompt + generated tokens (default: the models' limit)
     seed: int = 0                          # seeds requests that carry none
     kernels: str = "auto"                  # "torch" (the reference), "triton" (fused sampler, paged
-                                           # attention) or "flash" (Triton, with flash-attn's attention);
-                                           # auto: on CUDA flash for fp16/bf16 if flash_attn imports, else
-                                           # triton; torch on the CPU
+                                           # attention), "flash" (Triton, with flash-attn's attention) or
+                                           # "cpp" (C++ CPU kernels, built on first use); auto: on CUDA
+                                           # flash for fp16/bf16 if flash_attn imports, else triton; on the
+                                           # CPU cpp if it builds, else torch (one logged line says why)
     cuda_graphs: bool | None = None        # decode steps in CUDA graphs (default: on CUDA); True on the CPU
                                            # runs the same padded static-buffer steps uncaptured (for tests)
+    async_scheduling: bool | None = None   # schedule and launch step t+1 before reading step t's tokens
+                                           # (default: on CUDA); the synchronous loop is the reference
 
     def __post_init__(self):
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -56,11 +60,14 @@ class EngineConfig:
         require(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kernels == "auto":      # flash-attn takes fp16/bf16 only
             flash = self.dtype != "float32" and flash_attn_available()
-            self.kernels = ("flash" if flash else "triton") if cuda else "torch"
+            self.kernels = ("flash" if flash else "triton") if cuda else (
+                "cpp" if cpp_unavailable() is None else "torch")
         if self.block_size is None:
             self.block_size = 256 if self.kernels == "flash" else 16
         if self.cuda_graphs is None:
             self.cuda_graphs = cuda
+        if self.async_scheduling is None:
+            self.async_scheduling = cuda
         for name in ("block_size", "max_num_seqs", "num_kv_blocks", "kv_cache_bytes", "max_model_len",
                      "max_num_batched_tokens"):
             value = getattr(self, name)
@@ -69,10 +76,15 @@ class EngineConfig:
         require(self.num_kv_blocks is None or self.kv_cache_bytes is None, "num_kv_blocks",
                 "give num_kv_blocks or kv_cache_bytes, not both")
         require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
-        require(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool or None, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "async_scheduling"):
+            require(isinstance(getattr(self, name), bool), name, f"must be a bool or None, got {getattr(self, name)!r}")
         runnable = cuda or os.environ.get("TRITON_INTERPRET") == "1"
-        require(self.kernels == "torch" or runnable, "kernels",
+        require(self.kernels in ("torch", "cpp") or runnable, "kernels",
                 "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
+        require(self.kernels != "cpp" or not cuda, "kernels", "'cpp' kernels run on the CPU only")
+        if self.kernels == "cpp":
+            reason = cpp_unavailable()
+            require(reason is None, "kernels", f"the C++ CPU kernels are unavailable here: {reason}")
         require(self.kernels != "flash" or (cuda and flash_attn_available()), "kernels",
                 "'flash' needs a CUDA device and the flash_attn package")
         require(self.kernels != "flash" or self.dtype != "float32", "kernels",

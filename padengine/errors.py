@@ -22,3 +22,8 @@ def require_int(value, field: str) -> None:
 def require_finite(value, field: str) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     require(ok, field, f"must be a finite number, got {value!r}")
+
+
+def require_range(value, low: float, high: float, field: str) -> None:
+    require_finite(value, field)
+    require(low <= value <= high, field, f"must be in [{low}, {high}], got {value!r}")

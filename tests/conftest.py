@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+                          Qwen2Config, Qwen3Config)
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "write a short poem about the sea and the sky",
           "explain how a computer works in simple words", "be concise and answer in french please",
@@ -34,11 +34,21 @@ def tiny_tokenizer(chat_template: bool) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build(path, config, tokenizer, seed: int, value_head: bool = False, std: float = 0.1) -> str:
-    """Save a random model whose logits are spread wide enough that greedy choices are not near-ties."""
+def build(path, config, tokenizer, seed: int, value_head: bool = False, std: float = 0.1,
+          random_norms: bool = False) -> str:
+    """Save a random model whose logits are spread wide enough that greedy choices are not near-ties.
+    `random_norms`: norm weights (initialized to ones) and biases drawn at random too, so that a norm
+    or bias skipped or swapped changes the output."""
     torch.manual_seed(seed)
     config.initializer_range = std
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(1 + 0.5 * torch.randn_like(p))
+                elif name.endswith("bias"):
+                    p.normal_(0, 0.1)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if value_head:
@@ -102,3 +112,27 @@ def mistral(tmp_path_factory):
     tok = tiny_tokenizer(chat_template=False)
     cfg = MistralConfig(**shapes(tok, sliding_window=24))
     return build(tmp_path_factory.mktemp("mistral"), cfg, tok, seed=4)
+
+
+def qwen3_shapes(tokenizer, **kw) -> dict:
+    """head_dim 24, unlike hidden_size / num_attention_heads = 16, and grouped-query attention."""
+    return shapes(tokenizer, head_dim=24, **kw)
+
+
+@pytest.fixture(scope="session")
+def qwen3(tmp_path_factory, tokenizer):
+    """Qwen3: per-head q/k RMSNorm (random weights), no q/k/v bias, explicit head_dim, tied embeddings."""
+    cfg = Qwen3Config(**qwen3_shapes(tokenizer, tie_word_embeddings=True))
+    return build(tmp_path_factory.mktemp("qwen3"), cfg, tokenizer, seed=5, random_norms=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_persrm(tmp_path_factory, tokenizer):
+    """A Qwen3 PersRM: value head, `attention_bias` (q/k/v/o biases), untied, one kv head, and a sliding
+    window (on every layer: max_window_layers=0) shorter than the test contexts."""
+    cfg = Qwen3Config(**qwen3_shapes(tokenizer, tie_word_embeddings=False, num_key_value_heads=1,
+                                     attention_bias=True, use_sliding_window=True, sliding_window=24,
+                                     max_window_layers=0))
+    assert set(cfg.layer_types) == {"sliding_attention"}
+    return build(tmp_path_factory.mktemp("qwen3_persrm"), cfg, tokenizer, seed=6, value_head=True,
+                 random_norms=True)

@@ -27,6 +27,16 @@ def test_throughput_smoke(llama, persrm, tmp_path):
          "--num-prompts", "3", "--max-tokens", "5", "--json", str(tmp_path / "t.json")], tmp_path)
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["identical_outputs"] == 3 and result["speedup"] > 0
+    assert result["batched_identical_outputs"] == 3 and result["batched_speedup"] > 0
+
+
+def test_cpu_kernels_smoke(llama, tmp_path):
+    stdout = run(["benchmarks/cpu_kernels.py", "--model", llama, "--shapes", "tiny", "--batches", "2",
+                  "--contexts", "8", "20", "--reps", "1", "--dtype", "float32", "--json", str(tmp_path / "k.json")],
+                 tmp_path)
+    rows = json.loads((tmp_path / "k.json").read_text())["float32"]
+    assert {r["op"] for r in rows} >= {"attention + KV write", "PAD sampler", "full", "matmuls"}
+    assert all(r["torch"][0] > 0 and r["cpp"][0] > 0 for r in rows) and "speedup" in stdout
 
 
 def test_prefill_stall_smoke(llama, tmp_path):

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from padengine import Engine, SamplingParams
-from tests.helpers import random_batch, reference
+from tests.helpers import fail_launch, random_batch, reference
 
 
 def spy_chunks(engine):
@@ -15,9 +15,9 @@ def spy_chunks(engine):
     schedule = engine.scheduler.schedule
 
     def spy():
-        decode, prefill = schedule()
-        partial.append(sum(not r.samples_this_step for r in prefill))
-        return decode, prefill
+        batch = schedule()
+        partial.append(sum(not r.samples_this_step for r in batch.prefill))
+        return batch
 
     engine.scheduler.schedule = spy
     return partial
@@ -55,18 +55,10 @@ def test_chunked_prefill_one_model_several_preferences(qwen2, tokenizer):
 def test_failed_chunk_leaves_no_unwritten_blocks_published(llama, persrm, tokenizer, monkeypatch):
     base, reward, params = random_batch(len(tokenizer), n=3, seed=15, shared_prefix=24)
     engine = Engine(llama, persrm, block_size=4, max_num_batched_tokens=8)
-    run_step, calls = engine.runner.run, []
-
-    def fail_third(decode, prefill):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("device lost")
-        return run_step(decode, prefill)
-
-    monkeypatch.setattr(engine.runner, "run", fail_third)
+    launch = fail_launch(engine, monkeypatch, 3)
     with pytest.raises(RuntimeError):
         generate(engine, base, reward, params)
-    monkeypatch.setattr(engine.runner, "run", run_step)
+    monkeypatch.setattr(engine.runner, "launch", launch)
     assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
     assert all(p.num_used == 0 for p in engine.runner.pools)
 
@@ -79,9 +71,9 @@ def test_reward_prompt_equal_to_base_prompt_is_prefilled_once(qwen2, tokenizer):
     computed, schedule = [], engine.scheduler.schedule
 
     def spy():
-        decode, prefill = schedule()
-        computed.append(sum(s.step_end - s.num_computed_tokens for r in prefill for s in r.streams))
-        return decode, prefill
+        batch = schedule()
+        computed.append(sum(s.step_end - s.num_computed_tokens for r in batch.prefill for s in r.streams))
+        return batch
 
     engine.scheduler.schedule = spy
     params = [SamplingParams(max_tokens=6, weight=1.0, ignore_eos=True)]

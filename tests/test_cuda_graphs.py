@@ -59,7 +59,7 @@ def test_graph_steps_pad_reward_streams_and_fall_back(qwen2, tokenizer):
     counts = spy_graphs(engine)
     assert generate(engine, base, multi, params) == reference(qwen2, qwen2, base, multi, params)
     assert counts["graph"] > 0 and counts["eager"] > 0
-    assert any(rows != rewards for rows, rewards, _, _ in engine.runner.graphs.graphs)
+    assert any(rows != rewards for rows, rewards, *_ in engine.runner.graphs.graphs)
 
 
 def test_graph_sampling_equals_eager_sampling(llama, persrm, tokenizer):
@@ -93,4 +93,4 @@ def test_graph_steps_base_alone_with_sliding_window(mistral, tokenizer):
     engine = Engine(mistral, block_size=16, cuda_graphs=True)
     counts = spy_graphs(engine)
     assert generate(engine, base, None, params) == reference(mistral, None, base, base, params)
-    assert counts["graph"] > 0 and all(rewards == 0 for _, rewards, _, _ in engine.runner.graphs.graphs)
+    assert counts["graph"] > 0 and all(rewards == 0 for _, rewards, *_ in engine.runner.graphs.graphs)

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from padengine import Engine, SamplingParams
-from padengine.layers.sampler import gumbel_from_hash, gumbel_noise, pad_sample
+from padengine.kernels import get_ops
+from padengine.layers.sampler import gumbel_from_hash, gumbel_noise
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def pad_sample(request):
+    """The torch sampler and the C++ one: both must follow the rule and its distribution."""
+    return get_ops(request.param).sample
 
 
 def rule(zb_row, zr_row, k, w):
@@ -22,12 +29,12 @@ def per_row(n, top_k, weight, temperature, seed, position=None):
             full(seed, torch.long), pos)
 
 
-def test_greedy_matches_rule_with_mixed_rows():
+def test_greedy_matches_rule_with_mixed_rows(pad_sample):
     torch.manual_seed(0)
     zb, zr = torch.randn(6, 50) * 3, torch.randn(6, 64) * 3   # reward vocab padded wider
     top_k = torch.tensor([1, 5, 10, 0, 50, 70])
     weight = torch.tensor([0.0, 0.5, 1.5, 1.0, 3.0, -0.5])
-    tokens, logprobs = pad_sample(zb, zr, top_k, weight, torch.zeros(6), torch.zeros(6, dtype=torch.long),
+    tokens, logprobs, *_ = pad_sample(zb, zr, top_k, weight, torch.zeros(6), torch.zeros(6, dtype=torch.long),
                                   torch.zeros(6, dtype=torch.long))
     for i in range(6):
         k = 50 if top_k[i] in (0, 70) else int(top_k[i])
@@ -37,19 +44,19 @@ def test_greedy_matches_rule_with_mixed_rows():
         assert logprobs[i].item() == pytest.approx(float(torch.log_softmax(s, 0).max()), abs=1e-5)
 
 
-def test_no_reward_is_plain_top_k():
+def test_no_reward_is_plain_top_k(pad_sample):
     zb = torch.randn(3, 40)
-    tokens, _ = pad_sample(zb, None, *per_row(3, 10, 1.0, 0.0, 0))
+    tokens, *_ = pad_sample(zb, None, *per_row(3, 10, 1.0, 0.0, 0))
     assert tokens.tolist() == zb.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("top_k,weight,temperature", [(8, 1.0, 0.7), (0, 0.0, 1.0), (5, 2.0, 1.5)])
-def test_sampling_frequencies_follow_softmax(top_k, weight, temperature):
+def test_sampling_frequencies_follow_softmax(top_k, weight, temperature, pad_sample):
     """Chi-square goodness of fit over 20000 draws (one per position) from one fixed row."""
     torch.manual_seed(1)
     vocab, n = 30, 20000
     zb, zr = torch.randn(vocab) * 1.5, torch.randn(vocab) * 1.5
-    tokens, _ = pad_sample(zb.expand(n, vocab), zr.expand(n, vocab), *per_row(n, top_k, weight, temperature, 1234))
+    tokens, *_ = pad_sample(zb.expand(n, vocab), zr.expand(n, vocab), *per_row(n, top_k, weight, temperature, 1234))
     scores = rule(zb, zr, top_k or vocab, weight)
     cand = list(scores)
     probs = torch.softmax(torch.tensor([scores[c] for c in cand], dtype=torch.float64) / temperature, 0)

@@ -6,7 +6,7 @@ import pytest
 from padengine import Engine, SamplingParams
 from padengine.engine.sequence import Request, Sequence
 from padengine.serving.async_engine import AsyncEngine
-from padengine.serving.detokenizer import IncrementalDetokenizer
+from padengine.engine.detokenizer import IncrementalDetokenizer
 
 TEXT = "Héllo wörld, ünïcödé 🙂🙂 text — with a stop marker ### and more after it."
 
@@ -16,7 +16,8 @@ def feed(tokenizer, ids, stop=None):
     req = Request(0, SamplingParams(max_tokens=len(ids)), 0, set(), [Sequence([1], 0)], [])
     detok, outs = IncrementalDetokenizer(tokenizer, stop), []
     for t in ids:
-        req.append(t, 0.0)
+        req.reserve(0)
+        req.fill(t, 0.0)
         outs.append(detok.update(req))
         if outs[-1].finished:
             break

@@ -18,13 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16 = "*bf16"
 SAMPLER_PTRS = dict(base_ptr=BF16, reward_ptr=BF16, k_ptr="*i32", w_ptr="*fp32", t_ptr="*fp32",
                     seed_ptr="*i64", pos_ptr="*i64", val_ptr="*fp32", tok_ptr="*i32", out_tok_ptr="*i64",
-                    out_lp_ptr="*fp32")
+                    out_lp_ptr="*fp32", tp_ptr="*fp32", mp_ptr="*fp32", top_tok_ptr="*i64", top_lp_ptr="*fp32")
 ATTN_PTRS = dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, bt_ptr="*i32", len_ptr="*i64", out_ptr=BF16,
                  m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", cu_ptr="*i32", qk_scale="fp32")
 KERNELS = [
     ("pad_sample", "_chunk_kernel", SAMPLER_PTRS, dict(HAS_REWARD=True, CHUNK=4096, K_TILE=256, KEY_BITS=16), 8),
     ("pad_sample", "_merge_kernel", SAMPLER_PTRS,
-     dict(HAS_REWARD=True, CHUNK=4096, K_TILE=256, CHUNKS_PAD=32, KEY_BITS=16), 16),
+     dict(HAS_REWARD=True, CHUNK=4096, K_TILE=256, CHUNKS_PAD=32, KEY_BITS=16, HAS_FILTER=False, NUM_TOP=0), 16),
+    ("pad_sample", "_merge_kernel", SAMPLER_PTRS,       # top-p / min-p sort the whole tile; 20 alternatives
+     dict(HAS_REWARD=True, CHUNK=4096, K_TILE=256, CHUNKS_PAD=32, KEY_BITS=16, HAS_FILTER=True, NUM_TOP=20), 16),
+    ("pad_sample", "_merge_kernel", SAMPLER_PTRS,
+     dict(HAS_REWARD=False, CHUNK=4096, K_TILE=16, CHUNKS_PAD=32, KEY_BITS=16, HAS_FILTER=True, NUM_TOP=5), 4),
     ("paged_attention", "_decode_kernel", ATTN_PTRS,
      dict(GROUP=4, G_PAD=16, D=128, D_PAD=128, BLOCK_SIZE=16, TILE=64, PARTITION=256, SPLIT=True,
           PRECISION="tf32"), 8),

@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import triton_kernels  # noqa: E402
+from padengine.layers.activation import silu_and_mul  # noqa: E402
+from padengine.layers.norm import rms_norm  # noqa: E402
 from padengine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from padengine.models.llama import rms_norm, silu_and_mul  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -51,8 +51,8 @@ def check(base, reward, args, out=None, tol=1e-4, max_k=None):
     within tol (float rounding may then go either way), and its log-prob is the torch one of its token.
     A row whose k-th and (k+1)-th base logits tie (bf16 at a large vocabulary) has its candidates chosen
     by a tie rule torch leaves unspecified; it is only checked to pick a token at or above the tie."""
-    tokens, logprobs = triton_kernels.pad_sample(base, reward, *args, out=out, max_k=max_k)
-    ref, _ = torch_pad_sample(base, reward, *args)
+    tokens, logprobs, *_ = triton_kernels.pad_sample(base, reward, *args, out=out, max_k=max_k)
+    ref, *_ = torch_pad_sample(base, reward, *args)
     top_k, weight, temperature, seed, position = args
     vocab = base.shape[1]
     k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)[:, None]
@@ -157,7 +157,7 @@ def test_gpu_sampling_frequencies_follow_softmax(top_k, weight, temperature):
     vocab, n = 30, 20000
     zb, zr = torch.randn(vocab, device=DEV) * 1.5, torch.randn(vocab, device=DEV) * 1.5
     args = per_row(vocab, (top_k,), (weight,), (temperature,), n=n)
-    tokens, _ = triton_kernels.pad_sample(zb.expand(n, vocab), zr.expand(n, vocab), *args)
+    tokens, *_ = triton_kernels.pad_sample(zb.expand(n, vocab), zr.expand(n, vocab), *args)
     cand, score = pad_scores(zb[None], zr[None], args[0][:1], args[1][:1])
     valid = score[0] > float("-inf")
     probs = torch.softmax(score[0][valid].double() / temperature, 0)
@@ -184,11 +184,34 @@ def test_gpu_cuda_graph_replays_with_new_logits():
     triton_kernels.pad_sample(base, reward, *args, out=out)         # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _, logprobs = triton_kernels.pad_sample(base, reward, *args, out=out)
+        _, logprobs, *_ = triton_kernels.pad_sample(base, reward, *args, out=out)
     for _ in range(3):
         base.copy_(torch.randn(n, vocab, device=DEV))
         reward.copy_(torch.randn(n, vocab, device=DEV))
         graph.replay()
-        expected, expected_lp = triton_kernels.pad_sample(base, reward, *args)
+        expected, expected_lp, *_ = triton_kernels.pad_sample(base, reward, *args)
         assert torch.equal(out, expected)
         torch.testing.assert_close(logprobs, expected_lp)
+
+
+@pytest.mark.parametrize("num_top,max_k", [(0, 40), (5, None)])
+def test_filters_and_alternatives_match_torch(num_top, max_k):
+    """top-p / min-p (the tile sorted in the merge kernel) and the most likely candidates, over several
+    vocabulary chunks; whole-vocabulary rows go to the torch fallback."""
+    torch.manual_seed(5)
+    vocab, n = 2100, 8
+    args = per_row(vocab, (1, 10, 40) if max_k else (1, 10, 40, 0), (0.0, 1.5), (0.0, 0.8), n=n)
+    top_p = torch.linspace(0.2, 1.0, n, device=DEV)
+    min_p = torch.tensor([0.0, 0.05, 0.3, 0.0] * (n // 4), device=DEV)
+    base, reward = torch.randn(n, vocab, device=DEV) * 3, torch.randn(n, vocab + 64, device=DEV) * 3
+    got = triton_kernels.pad_sample(base, reward, *args, top_p, min_p, max_k=max_k, num_top=num_top)
+    ref = torch_pad_sample(base, reward, *args, top_p, min_p, num_top=num_top)
+    assert torch.equal(got.tokens, ref.tokens)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-4, rtol=1e-4)
+    for i in range(n):
+        finite = lambda lp, ids: sorted((round(v, 4), t) for t, v in zip(ids.tolist(), lp.tolist()) if v > -1e30)
+        assert finite(got.top_logprobs[i], got.top_ids[i]) == finite(ref.top_logprobs[i], ref.top_ids[i])
+    plain = triton_kernels.pad_sample(base, reward, *args, torch.ones(n, device=DEV), torch.zeros(n, device=DEV),
+                                      max_k=max_k)
+    unfiltered = triton_kernels.pad_sample(base, reward, *args, max_k=max_k)
+    assert torch.equal(plain.tokens, unfiltered.tokens)

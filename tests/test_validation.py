@@ -46,8 +46,18 @@ def copy_model(src, tmp_path, name="model"):
     (dict(prompts=["a"], preferences=[[("x", 1.0), ("", 1.0)]]), "preferences[0][1]"),
     (dict(prompts=["a"], preferences=[[("x", float("nan"))]]), "preferences[0][0].weight"),
     (dict(prompts=["a"], preferences=[[("x", 1.0, 2.0)]]), "preferences[0][0]"),
+    (dict(prompts=["a"], preferences=[[("x", 1000.0)]]), "preferences[0][0].weight"),       # |w| <= MAX_WEIGHT
+    (dict(prompts=["a"], preferences=[[{"text": "x", "weight": 1.0}, {"text": " "}]]), "preferences[0][1]"),
+    (dict(prompts=["a"], preferences=[[{"text": "x", "wieght": 1.0}]]), "preferences[0][0]"),
+    (dict(prompts=["a"], params=SamplingParams(weight=101.0)), "params.weight"),
+    (dict(prompts=["a"], params=SamplingParams(temperature=1e-5)), "params.temperature"),
+    (dict(prompts=["a"], params=SamplingParams(temperature=101.0)), "params.temperature"),
+    (dict(prompts=["a"], params=SamplingParams(top_p=0.0)), "params.top_p"),
+    (dict(prompts=["a"], params=SamplingParams(top_logprobs=21)), "params.top_logprobs"),
+    (dict(prompts=["a"], params=SamplingParams(n=0)), "params.n"),
     (dict(prompt_token_ids=[[5]], reward_prompt_token_ids=[[([5, 10**6], 1.0)]]), "reward_prompt_token_ids[0][0]"),
     (dict(prompt_token_ids=[[5]], reward_prompt_token_ids=[[([5], "x")]]), "reward_prompt_token_ids[0][0].weight"),
+    (dict(prompt_token_ids=[[5]], reward_prompt_token_ids=[[([5], -1e9)]]), "reward_prompt_token_ids[0][0].weight"),
     (dict(prompt_token_ids=[[5]], reward_prompt_token_ids=[[]]), "reward_prompt_token_ids[0]"),
     (dict(prompts=["a"], params=SamplingParams(stop_token_ids=[10**6])), "params.stop_token_ids"),
     (dict(prompt_token_ids=[[5, -1]]), "prompt_token_ids[0]"),
@@ -62,6 +72,27 @@ def test_bad_request_names_field_and_does_no_work(engine, kwargs, field):
     assert str(err.value).startswith(field)
     assert not engine.scheduler.has_work()
     assert all(p.num_used == 0 for p in engine.runner.pools)
+
+
+def test_preference_forms_are_one_parser(engine, tokenizer):
+    """The Python API and the server share `padengine.prompts`: a preference given as (text, weight) pairs or
+    as {"text", "weight"} objects is the same request, and a text prompt is rendered with the chat template."""
+    from padengine.prompts import encode, preference_pairs, render, user_message
+    assert preference_pairs([{"text": "be brief", "weight": 1.5}, {"text": "be kind"}], 0.7, "p") == \
+        preference_pairs([("be brief", 1.5), ("be kind", 0.7)], 0.7, "p") == [("be brief", 1.5), ("be kind", 0.7)]
+    assert preference_pairs("be brief", 0.7, "p") == [("be brief", 0.7)] and preference_pairs(None, 1, "p") == []
+    with pytest.raises(InvalidInput) as err:
+        preference_pairs([("a", 1.0)] * 3, 1.0, "preference", max_count=2)
+    assert err.value.field == "preference"
+    params = SamplingParams(max_tokens=3, preference_in_base=False)
+    pairs = engine.generate(["the sea"], params, preferences=[[("be brief", 1.5)]])[0]
+    dicts = engine.generate(["the sea"], params, preferences=[[{"text": "be brief", "weight": 1.5}]])[0]
+    assert pairs.token_ids == dicts.token_ids and pairs.reward_prompt_token_ids == dicts.reward_prompt_token_ids
+    base, rewards = render(tokenizer, tokenizer, "the sea", [("be brief", 1.5)], False, chat_template=True)
+    assert pairs.prompt_token_ids == base == encode(tokenizer, "the sea")
+    assert pairs.reward_prompt_token_ids == [rewards[0][0]] == [encode(tokenizer, user_message("the sea", "be brief"))]
+    raw, _ = render(tokenizer, tokenizer, "the sea", [], False, chat_template=False)     # /v1/completions
+    assert raw == tokenizer.encode("the sea") != base
 
 
 def test_engine_still_correct_after_bad_input(engine, llama, persrm):

@@ -8,18 +8,20 @@ Two launches, neither of which waits on the host, so a CUDA graph can hold them:
    union of its chunks' top k. For a whole-vocabulary row it reduces the chunk to partial softmax and
    Gumbel-argmax statistics instead.
 2. `_merge_kernel`, grid (rows,). It selects the row's top k from the union, gathers the reward logits
-   at the candidates, scores them, draws with the torch sampler's noise and writes the token and its
-   log-probability.
+   at the candidates, scores them, applies top-p / min-p (a sort of the tile; compiled in only when a
+   row filters), draws with the torch sampler's noise and writes the token and its log-probability, and
+   the row's most likely candidates when asked for alternatives.
 
 Splitting the vocabulary into chunks keeps the GPU busy at batch 1. Rows with K_MAX < k < vocab are rare
-and go to the torch reference (that costs one host sync, skipped while a CUDA graph is captured).
+and go to the torch reference, as do whole-vocabulary rows in a step with filters or alternatives (that
+costs one host sync, skipped while a CUDA graph is captured).
 """
 import torch
 import triton
 import triton.language as tl
 
 from padengine.layers.sampler import MAX_FUSED_TOP_K as K_MAX
-from padengine.layers.sampler import num_candidates
+from padengine.layers.sampler import Sample, num_candidates
 from padengine.layers.sampler import pad_sample as torch_pad_sample
 
 MAX_CHUNKS = 32         # bounds the merge kernel's tile to MAX_CHUNKS * K_TILE entries (K_TILE <= K_MAX)
@@ -100,6 +102,33 @@ def _draw(s, greedy, toks, seed_ptr, pos_ptr, row):
 
 
 @triton.jit
+def _filter(s, tp_ptr, mp_ptr, row):
+    """`padengine.layers.sampler.filter_scores` on one row's tile of scaled scores s (-inf off the
+    candidates): min_p against the most likely candidate, top_p by the mass before each candidate in
+    descending order (a sort of the tile), ties at the cut kept."""
+    m = tl.max(s, 0)
+    lse = m + tl.log(tl.sum(tl.exp(s - m), 0))
+    lp = s - lse
+    drop = lp < (m - lse) + tl.log(tl.load(mp_ptr + row))      # min_p = 0: log 0 = -inf drops nothing
+    top_p = tl.load(tp_ptr + row)
+    ranked = -tl.sort(-lp)                  # descending (the interpreter rejects descending=True)
+    p = tl.exp(ranked)
+    cut = tl.min(tl.where(tl.cumsum(p, 0) - p < top_p, ranked, float("inf")), 0)
+    cut = tl.where(top_p < 1, cut, float("-inf"))
+    return tl.where(drop | (lp < cut), float("-inf"), s)
+
+
+@triton.jit
+def _store_top(lp, toks, top_tok_ptr, top_lp_ptr, row, NUM_TOP: tl.constexpr):
+    """The NUM_TOP most likely candidates (finite lp) of a row, in token order (the host sorts them)."""
+    ok = lp > float("-inf")
+    sel = _top_mask(_top_keys(lp, ok, 32), NUM_TOP, 32) & ok
+    dst = row * NUM_TOP + tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(top_tok_ptr + dst, toks.to(tl.int64), mask=sel)
+    tl.store(top_lp_ptr + dst, lp, mask=sel)
+
+
+@triton.jit
 def _chunk_kernel(base_ptr, stride_b, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr,
                   val_ptr, tok_ptr, V, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
                   K_TILE: tl.constexpr, KEY_BITS: tl.constexpr):
@@ -143,10 +172,12 @@ def _merge_whole(val_ptr, tok_ptr, n_chunks, K_TILE: tl.constexpr, CHUNKS_PAD: t
 
 
 @triton.jit
-def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr, pos_ptr, row, V, n_chunks,
-                 HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr, K_TILE: tl.constexpr,
-                 CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
-    """(token, log-prob) of a top-k row from the union of its chunks' top k."""
+def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr, pos_ptr, tp_ptr, mp_ptr,
+                 top_tok_ptr, top_lp_ptr, row, V, n_chunks, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
+                 K_TILE: tl.constexpr, CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr,
+                 HAS_FILTER: tl.constexpr, NUM_TOP: tl.constexpr):
+    """(token, log-prob) of a top-k row from the union of its chunks' top k; with HAS_FILTER, top-p and
+    min-p first; with NUM_TOP, also its most likely candidates."""
     # chunk-major, and each chunk's entries in token order: tile order is token order, as the tie rule
     # of _top_mask needs to agree with the chunk kernel's
     e = tl.arange(0, CHUNKS_PAD * K_TILE)
@@ -157,23 +188,29 @@ def _merge_top_k(val_ptr, tok_ptr, reward_ptr, row_r, k, w_ptr, t_ptr, seed_ptr,
     toks = tl.load(tok_ptr + e, mask=ok, other=0)
     cand = _top_mask(_top_keys(zb, ok, KEY_BITS), kk, KEY_BITS) & ok
     s, greedy = _scaled_score(zb, reward_ptr, row_r, toks, cand, w_ptr, t_ptr, row, HAS_REWARD)
+    if HAS_FILTER:
+        s = _filter(s, tp_ptr, mp_ptr, row)
     m, total, _, s_best, tok = _draw(s, greedy, toks, seed_ptr, pos_ptr, row)
+    if NUM_TOP > 0:
+        _store_top(s - m - tl.log(total), toks, top_tok_ptr, top_lp_ptr, row, NUM_TOP)
     return tok, s_best - m - tl.log(total)
 
 
 @triton.jit
-def _merge_kernel(val_ptr, tok_ptr, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr,
-                  out_tok_ptr, out_lp_ptr, V, n_chunks, HAS_REWARD: tl.constexpr, CHUNK: tl.constexpr,
-                  K_TILE: tl.constexpr, CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr):
+def _merge_kernel(val_ptr, tok_ptr, reward_ptr, stride_r, k_ptr, w_ptr, t_ptr, seed_ptr, pos_ptr, tp_ptr, mp_ptr,
+                  out_tok_ptr, out_lp_ptr, top_tok_ptr, top_lp_ptr, V, n_chunks, HAS_REWARD: tl.constexpr,
+                  CHUNK: tl.constexpr, K_TILE: tl.constexpr, CHUNKS_PAD: tl.constexpr, KEY_BITS: tl.constexpr,
+                  HAS_FILTER: tl.constexpr, NUM_TOP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_chunks * K_TILE
     k = tl.load(k_ptr + row)
-    if k >= V:
+    if k >= V:      # (with HAS_FILTER or NUM_TOP, the torch fallback redoes these rows)
         tok, logprob = _merge_whole(val_ptr + base, tok_ptr + base, n_chunks, K_TILE, CHUNKS_PAD)
     else:
         tok, logprob = _merge_top_k(val_ptr + base, tok_ptr + base, reward_ptr, row * stride_r, k, w_ptr,
-                                    t_ptr, seed_ptr, pos_ptr, row, V, n_chunks, HAS_REWARD, CHUNK, K_TILE,
-                                    CHUNKS_PAD, KEY_BITS)
+                                    t_ptr, seed_ptr, pos_ptr, tp_ptr, mp_ptr, top_tok_ptr, top_lp_ptr, row, V,
+                                    n_chunks, HAS_REWARD, CHUNK, K_TILE, CHUNKS_PAD, KEY_BITS, HAS_FILTER,
+                                    NUM_TOP)
     tl.store(out_tok_ptr + row, tok.to(tl.int64))
     tl.store(out_lp_ptr + row, logprob)
 
@@ -183,23 +220,31 @@ def _warps(tile: int) -> int:
     return max(4, min(16, tile // 512))
 
 
-def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, max_k=None, out=None):
+def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, top_p=None, min_p=None,
+               max_k=None, num_top=0, out=None) -> Sample:
     """Same contract as `padengine.layers.sampler.pad_sample`: base_logits [N, V] (bf16/fp16/fp32),
-    reward_logits [N, >= V] or None, then per-row top_k, weight, temperature, seed, position [N].
-    Returns (token_ids int64 [N], logprobs float32 [N]); token ids go into `out` when given.
-    `max_k` <= K_MAX (a host int bounding every row's k) tells that no row needs the torch fallback,
-    which spares the host sync of looking, and lets the kernels keep fewer candidates per chunk.
-    Inside CUDA-graph capture, rows need top_k in [1, K_MAX], 0 or >= V (others are not checked)."""
+    reward_logits [N, >= V] or None, then per-row top_k, weight, temperature, seed, position [N], top_p
+    and min_p [N] or None, and `num_top` alternatives per row (in token order: sort them on the host).
+    Token ids go into `out` when given. `max_k` <= K_MAX (a host int bounding every row's k) tells that
+    no row needs the torch fallback, which spares the host sync of looking, and lets the kernels keep
+    fewer candidates per chunk. Inside CUDA-graph capture, rows need top_k in [1, K_MAX], or 0 or >= V
+    without filters or alternatives (others are not checked)."""
     n, vocab = base_logits.shape
     dev = base_logits.device
     tokens = out if out is not None else torch.empty(n, dtype=torch.int64, device=dev)
     logprobs = torch.empty(n, dtype=torch.float32, device=dev)
+    top_ids = torch.zeros(n, num_top, dtype=torch.int64, device=dev)
+    top_lps = torch.full((n, num_top), float("-inf"), dtype=torch.float32, device=dev)
     if n == 0:
-        return tokens, logprobs
+        return Sample(tokens, logprobs, top_ids, top_lps)
     top_k = top_k.to(dev)
     k = num_candidates(top_k, vocab).to(torch.int32)
     weight, temperature = weight.to(dev, torch.float32), temperature.to(dev, torch.float32)
     seed, position = seed.to(dev, torch.int64), position.to(dev, torch.int64)
+    has_filter = top_p is not None or min_p is not None
+    if has_filter:
+        top_p = (torch.ones(n, device=dev) if top_p is None else top_p).to(dev, torch.float32)
+        min_p = (torch.zeros(n, device=dev) if min_p is None else min_p).to(dev, torch.float32)
     base = base_logits if base_logits.stride(-1) == 1 else base_logits.contiguous()
     has_reward = reward_logits is not None
     reward = base
@@ -216,14 +261,19 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     _chunk_kernel[(n, n_chunks)](base, base.stride(0), reward, reward.stride(0), k, weight, temperature,
                                  seed, position, vals, toks, vocab, HAS_REWARD=has_reward, CHUNK=chunk,
                                  K_TILE=k_tile, KEY_BITS=key_bits, num_warps=_warps(chunk))
-    _merge_kernel[(n,)](vals, toks, reward, reward.stride(0), k, weight, temperature, seed, position,
-                        tokens, logprobs, vocab, n_chunks, HAS_REWARD=has_reward, CHUNK=chunk, K_TILE=k_tile,
-                        CHUNKS_PAD=chunks_pad, KEY_BITS=key_bits, num_warps=_warps(chunks_pad * k_tile))
+    filters = (top_p, min_p) if has_filter else (weight, weight)      # unread without HAS_FILTER
+    _merge_kernel[(n,)](vals, toks, reward, reward.stride(0), k, weight, temperature, seed, position, *filters,
+                        tokens, logprobs, top_ids, top_lps, vocab, n_chunks, HAS_REWARD=has_reward, CHUNK=chunk,
+                        K_TILE=k_tile, CHUNKS_PAD=chunks_pad, KEY_BITS=key_bits, HAS_FILTER=has_filter,
+                        NUM_TOP=num_top, num_warps=_warps(chunks_pad * k_tile))
     maybe_wide = vocab > K_MAX and (max_k is None or max_k > K_MAX)
-    if maybe_wide and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        rows = torch.nonzero((k > K_MAX) & (k < vocab)).squeeze(1)
+    whole_needs_torch = has_filter or num_top > 0
+    if (maybe_wide or whole_needs_torch) and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        rows = torch.nonzero(((k > K_MAX) & (k < vocab)) | ((k >= vocab) & whole_needs_torch)).squeeze(1)
         if rows.numel():
-            t, lp = torch_pad_sample(base_logits[rows], reward_logits[rows] if has_reward else None,
-                                     top_k[rows], weight[rows], temperature[rows], seed[rows], position[rows])
-            tokens[rows], logprobs[rows] = t, lp
-    return tokens, logprobs
+            pick = lambda t: None if t is None else t[rows]
+            ref = torch_pad_sample(base_logits[rows], pick(reward_logits), top_k[rows], weight[rows],
+                                   temperature[rows], seed[rows], position[rows], pick(top_p), pick(min_p),
+                                   num_top=num_top)
+            tokens[rows], logprobs[rows], top_ids[rows], top_lps[rows] = ref
+    return Sample(tokens, logprobs, top_ids, top_lps)

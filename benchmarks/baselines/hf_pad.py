@@ -34,29 +34,36 @@ class HFPad:
         return cls(base, reward, _value_head(reward_path, reward.config.hidden_size, dtype, device))
 
     def generate(self, base_ids: list[int], rewards: list[tuple[list[int], float]], max_tokens: int,
-                 top_k: int = 10, eos_ids: set[int] = frozenset()) -> list[int]:
+                 top_k: int = 10, eos_ids: set[int] = frozenset(), processors=None) -> list[int]:
         """Greedy PAD for one request; `rewards` holds one (reward prompt ids, weight) per preference."""
         rewards = [(ids, w) for ids, w in rewards if w != 0]
         return self.generate_batch([base_ids], [[ids] for ids, _ in rewards], [w for _, w in rewards],
-                                   max_tokens, top_k, eos_ids)[0]
+                                   max_tokens, top_k, eos_ids, processors)[0]
 
     @torch.inference_mode()
     def generate_batch(self, base_ids: list[list[int]], reward_ids: list[list[list[int]]], weights: list[float],
-                       max_tokens: int, top_k: int = 10, eos_ids: set[int] = frozenset()) -> list[list[int]]:
-        """Greedy PAD for a batch: reward_ids[j][b] is request b's prompt for preference j (weight j)."""
+                       max_tokens: int, top_k: int = 10, eos_ids: set[int] = frozenset(),
+                       processors=None) -> list[list[int]]:
+        """Greedy PAD for a batch: reward_ids[j][b] is request b's prompt for preference j (weight j).
+        `processors` (transformers' LogitsProcessorList, e.g. penalties) see the base prompt and the
+        tokens so far, and rework the base logits and, with the same ids, each reward model's."""
+        process = lambda logits: logits
+        if processors is not None:
+            history = lambda: torch.tensor([b + o for b, o in zip(base_ids, out)], device=self.device)
+            process = lambda logits: processors(history(), logits.float())
         if self.reward is None:
             reward_ids, weights = [], []
         streams = [_Stream(self.base, base_ids, logits=True)] + [_Stream(self.reward, ids) for ids in reward_ids]
         batch = len(base_ids)
         out, done = [[] for _ in range(batch)], torch.zeros(batch, dtype=torch.bool, device=self.device)
         for _ in range(max_tokens):
-            z_b = streams[0].step()
+            z_b = process(streams[0].step())
             vocab = z_b.shape[-1]
             zb, cand = z_b.float().topk(vocab if top_k == 0 or top_k >= vocab else top_k, dim=-1)
             score = zb
             for stream, w in zip(streams[1:], weights):
                 h = stream.step()
-                z_r = self.reward.lm_head(self.value_head(h) if self.value_head is not None else h).float()
+                z_r = process(self.reward.lm_head(self.value_head(h) if self.value_head is not None else h))
                 score = score + w * (torch.log_softmax(z_r.gather(1, cand), -1) - torch.log_softmax(zb, -1))
             tokens = cand.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
             for b, t in enumerate(tokens.tolist()):

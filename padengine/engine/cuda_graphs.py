@@ -8,9 +8,11 @@ the sampler) is captured once over static input buffers; a replay refills them w
 host-to-device copies, and the runner then makes its one device-to-host copy of the results. A bucket is
 captured on its first step, after an eager run of the same inputs that compiles the Triton kernels.
 
-Steps that do not fit run eagerly: any prefill, more rows than the largest bucket, or a row whose top-k
-lies between MAX_FUSED_TOP_K and the vocabulary (the fused sampler sends those to torch, which a graph
-cannot hold).
+Steps that do not fit run eagerly: any prefill, more rows than the largest bucket, a row whose top-k
+lies between MAX_FUSED_TOP_K and the vocabulary, or a whole-vocabulary row with top-p/min-p or
+alternatives (the fused sampler sends those to torch, which a graph cannot hold), or a row with
+penalties (their occurrence lists change size every step). Top-p/min-p, alternatives and base
+log-probabilities on top-k rows are part of the graph (its key).
 
 On the CPU (`cuda_graphs=True`, for tests) there is nothing to capture: the same padded static-buffer
 step runs eagerly each time, which checks everything but the capture itself.
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from padengine.engine.sequence import Request
-from padengine.engine.step_inputs import StepInputs
+from padengine.engine.step_inputs import StepInputs, StepResult
 from padengine.layers.sampler import MAX_FUSED_TOP_K
+from padengine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +38,7 @@ class Graph:
     ints: torch.Tensor              # static inputs, refilled before each replay
     floats: torch.Tensor
     inputs: StepInputs              # views of ints and floats
-    tokens: torch.Tensor            # static outputs
-    logprobs: torch.Tensor
+    result: StepResult              # static outputs
     graph: "torch.cuda.CUDAGraph | None"
 
 
@@ -51,13 +53,13 @@ class DecodeGraphs:
     def _bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
-    def run(self, decode: list[Request]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's (token ids, log-probabilities) on the device, padded; None if it needs eager."""
+    def run(self, decode: list[Request]) -> StepResult | None:
+        """The step's results on the device, padded; None if it needs eager."""
         vocab = self.runner.vocab_size
         ks = [r.params.num_candidates(vocab) for r in decode]
         num_rewards = sum(len(r.rewards) for r in decode)
         rows, reward_rows = self._bucket(len(decode)), self._bucket(num_rewards) if num_rewards else 0
-        if rows is None or reward_rows is None or any(MAX_FUSED_TOP_K < k < vocab for k in ks):
+        if rows is None or reward_rows is None or not all(graphable(r.params, vocab) for r in decode):
             return None
         span = min(max(MIN_SPAN, _pow2_ceil(max(len(s) for r in decode for s in r.streams))),
                    self.runner.max_model_len)
@@ -65,34 +67,44 @@ class DecodeGraphs:
         step = self.runner.layout(decode, [], (rows, reward_rows), width)
         # one sampler width per graph: the whole vocabulary, or the largest k rounded up to a power of two
         step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, _pow2_ceil(max(ks))))
-        key = (rows, reward_rows, step.max_k, width)
+        key = (rows, reward_rows, step.max_k, width, "top_p" in step.fields.names, step.num_top, step.base_logprobs)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(step)
-            return g.tokens, g.logprobs
+            return g.result
         self.runner.upload(step.fields.ints, torch.long, out=g.ints)
         self.runner.upload(step.fields.floats, torch.float32, out=g.floats)
         if g.graph is None:
-            g.tokens, g.logprobs = self.runner.compute(g.inputs)
+            g.result = self.runner.compute(g.inputs)
         else:
             g.graph.replay()
-        return g.tokens, g.logprobs
+        return g.result
 
     def _capture(self, step) -> Graph:
         r = self.runner
         ints, floats = r.upload(step.fields.ints, torch.long), r.upload(step.fields.floats, torch.float32)
         inputs = step.inputs(ints, floats, r.windows, static=True)
-        tokens, logprobs = r.compute(inputs)        # this step's result; on CUDA it also warms up
+        result = r.compute(inputs)        # this step's result; on CUDA it also warms up
         graph = None
         if self.capture:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                tokens, logprobs = r.compute(inputs)
+                result = r.compute(inputs)
             graph.replay()      # capture records without running: replay writes the same K/V again
             logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d, "
                         "%d blocks per table", step.num_rows, step.num_rewards, step.max_k,
                         inputs.models[0].batch.block_tables.shape[1])
-        return Graph(ints, floats, inputs, tokens, logprobs, graph)
+        return Graph(ints, floats, inputs, result, graph)
+
+
+def graphable(params: SamplingParams, vocab: int) -> bool:
+    """A graph holds the fused sampler's own rows: top-k up to MAX_FUSED_TOP_K (or the whole vocabulary
+    without top-p/min-p filters or alternatives, which the fused sampler leaves to torch), and no
+    penalties (their occurrence lists change size every step)."""
+    k = params.num_candidates(vocab)
+    if k == vocab:
+        return not (params.filters or params.top_logprobs)
+    return k <= MAX_FUSED_TOP_K and not params.penalized
 
 
 def _pow2_ceil(n: int) -> int:

@@ -2,23 +2,25 @@
 
 A request is built only after the whole batch has been checked, so bad input raises `InvalidInput`
 (naming the field) before anything is queued. A preference entry is a string, None, or a list of
-(text, weight) pairs; each weighted preference becomes its own reward stream.
+(text, weight) pairs; each weighted preference becomes its own reward stream. Preferences are parsed and
+text prompts rendered by `padengine.prompts` (shared with the server); here a text prompt is one user
+message under the chat template.
 """
 from itertools import count
 
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Request, Sequence
-from padengine.errors import InvalidInput, require, require_finite
-from padengine.prompts import base_preference, encode, user_message
-from padengine.sampling_params import SamplingParams
+from padengine.errors import InvalidInput, require, require_range
+from padengine.prompts import encode_prompt, preference_pairs, render
+from padengine.sampling_params import MAX_WEIGHT, SamplingParams
 
 
 class InputProcessor:
     def __init__(self, tokenizer, reward_tokenizer, vocab_size: int, max_model_len: int, eos_ids: set[int],
-                 pools: list[BlockManager], reward_pool: int | None, seed: int):
+                 pools: list[BlockManager], reward_pool: int | None, seed: int, max_num_seqs: int):
         self.tokenizer, self.reward_tokenizer = tokenizer, reward_tokenizer
         self.vocab_size, self.max_model_len, self.eos_ids = vocab_size, max_model_len, eos_ids
-        self.pools, self.reward_pool, self.seed = pools, reward_pool, seed
+        self.pools, self.reward_pool, self.seed, self.max_num_seqs = pools, reward_pool, seed, max_num_seqs
         self._ids = count()
 
     def make_requests(self, prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids) -> list[Request]:
@@ -45,14 +47,15 @@ class InputProcessor:
                 entry = None if reward_prompt_token_ids is None else reward_prompt_token_ids[i]
                 rewards = self._reward_ids(entry, base_ids, p.weight, f"reward_prompt_token_ids[{i}]")
             built.append(self._check_fits(base_ids, rewards, p, f"{field}[{i}]"))
-        return [self._request(*b) for b in built]
+        return [req for b in built for req in self._group(*b)]
 
     def _from_text(self, prompt, preference, params: SamplingParams, i: int):
         require(isinstance(prompt, str) and prompt.strip() != "", f"prompts[{i}]", "prompt is empty")
-        prefs = _preference_pairs(preference, params.weight, f"preferences[{i}]")
-        base_ids = encode(self.tokenizer, user_message(prompt, base_preference(prefs, params.preference_in_base)))
-        rewards = [(encode(self.reward_tokenizer, user_message(prompt, text)), w) for text, w in prefs]
-        return base_ids, rewards or [(encode(self.reward_tokenizer, user_message(prompt, None)), params.weight)]
+        prefs = preference_pairs(preference, params.weight, f"preferences[{i}]")
+        base_ids, rewards = render(self.tokenizer, self.reward_tokenizer, prompt, prefs,
+                                   params.preference_in_base, chat_template=True)
+        return base_ids, rewards or [(encode_prompt(self.reward_tokenizer, prompt, None, chat_template=True),
+                                      params.weight)]
 
     def _reward_ids(self, entry, base_ids, weight: float, field: str) -> list[tuple[list[int], float]]:
         if entry is None:
@@ -64,7 +67,7 @@ class InputProcessor:
         for j, pair in enumerate(entry):
             require(isinstance(pair, (tuple, list)) and len(pair) == 2, f"{field}[{j}]",
                     "must be a (token_ids, weight) pair")
-            require_finite(pair[1], f"{field}[{j}].weight")
+            require_range(pair[1], -MAX_WEIGHT, MAX_WEIGHT, f"{field}[{j}].weight")
             pairs.append((self._check_ids(pair[0], f"{field}[{j}]"), float(pair[1])))
         return pairs
 
@@ -85,38 +88,30 @@ class InputProcessor:
             total = len(ids) + params.max_tokens
             require(total <= self.max_model_len, field, f"{len(ids)} prompt tokens + max_tokens "
                     f"{params.max_tokens} exceed max_model_len {self.max_model_len}")
-            need[pool] += self.pools[pool].blocks_needed(total)
+            need[pool] += self.pools[pool].blocks_needed(total) * params.n   # a group is admitted whole
+        require(params.n <= self.max_num_seqs, "params.n", f"{params.n} choices exceed max_num_seqs "
+                f"{self.max_num_seqs} (a prompt's choices run together)")
         for n, pool in zip(need, self.pools):
             require(n <= len(pool.blocks), "num_kv_blocks",
                     f"the KV pool ({len(pool.blocks)} blocks) is too small for {field}, which needs {n}")
         return base_ids, rewards, params
 
-    def _request(self, base_ids, rewards, params: SamplingParams) -> Request:
-        rid = next(self._ids)
-        seed = params.seed if params.seed is not None else hash((self.seed, rid)) & 0xFFFFFFFFFFFF
-        stop = set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_ids)
-        streams = [Sequence(base_ids, 0)] + [Sequence(ids, self.reward_pool) for ids, _ in rewards]
-        req = Request(rid, params, seed, stop, streams, [w for _, w in rewards])
-        req.metrics.num_prompt_tokens = len(base_ids)
-        return req
-
-
-def _preference_pairs(preference, weight: float, field: str) -> list[tuple[str, float]]:
-    """None -> [], a string -> [(text, params.weight)], a list of (text, weight) pairs -> itself."""
-    if preference is None:
-        return []
-    if isinstance(preference, str):
-        require(preference.strip() != "", field, "preference is empty")
-        return [(preference, weight)]
-    require(isinstance(preference, list) and len(preference) > 0, field,
-            "must be a string, None, or a non-empty list of (text, weight) pairs")
-    pairs = []
-    for j, pair in enumerate(preference):
-        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) and pair[0].strip()
-        require(bool(ok), f"{field}[{j}]", "must be a (text, weight) pair with non-empty text")
-        require_finite(pair[1], f"{field}[{j}].weight")
-        pairs.append((pair[0], float(pair[1])))
-    return pairs
+    def _group(self, base_ids, rewards, params: SamplingParams) -> list[Request]:
+        """The params.n requests (choices) of one prompt: choice 0 draws with the request's seed, choice j
+        with one derived from it and j; they share one prompt prefill through the prefix cache."""
+        group = []
+        for j in range(params.n):
+            rid = next(self._ids)
+            if params.seed is None:
+                seed = hash((self.seed, rid)) & 0xFFFFFFFFFFFF
+            else:
+                seed = hash((params.seed, j)) & 0xFFFFFFFFFFFF if j else params.seed
+            stop = set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_ids)
+            streams = [Sequence(base_ids, 0)] + [Sequence(ids, self.reward_pool) for ids, _ in rewards]
+            req = Request(rid, params, seed, stop, streams, [w for _, w in rewards], choice=j, group=group)
+            req.metrics.num_prompt_tokens = len(base_ids)
+            group.append(req)
+        return group
 
 
 def _per_request(value, kind, n: int, field: str) -> list:

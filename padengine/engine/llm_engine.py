@@ -1,6 +1,7 @@
 """The Engine: the public entry point. It has its inputs turned into requests (engine/inputs.py), feeds
 them to the scheduler, runs steps on the model runner and returns outputs.
 """
+import gc
 import logging
 from typing import Iterator
 
@@ -14,7 +15,7 @@ from padengine.engine.sequence import Request, RequestOutput
 from padengine.errors import require
 from padengine.models.loader import eos_token_ids, load_tokenizer
 from padengine.sampling_params import SamplingParams
-from padengine.serving.detokenizer import IncrementalDetokenizer, StreamOutput
+from padengine.engine.detokenizer import IncrementalDetokenizer, StreamOutput
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,13 @@ class Engine:
         self.eos_ids = eos_token_ids(base_model, self.tokenizer)
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.pools, cfg.max_num_seqs, self.runner.max_batched_tokens)
+        self.in_flight = None       # asynchronous scheduling: the launched step not yet collected
+        # what exists now (weights, modules, tokenizers) lives as long as the engine: keep the cyclic
+        # garbage collector from walking it again and again, which stalls steps for milliseconds
+        gc.freeze()
         self.inputs = InputProcessor(self.tokenizer, self.reward_tokenizer, self.runner.vocab_size,
                                      self.max_model_len, self.eos_ids, self.runner.pools, self.runner.reward_pool,
-                                     cfg.seed)
+                                     cfg.seed, cfg.max_num_seqs)
 
     def generate(self, prompts: list[str] | None = None,
                  params: SamplingParams | list[SamplingParams] | None = None, *,
@@ -84,31 +89,31 @@ class Engine:
         return reqs
 
     def step(self) -> list[Request]:
-        """Run one scheduler step; returns the requests that got a token in it (finished ones included)."""
-        decode, prefill = self.scheduler.schedule()
-        if not decode and not prefill:
+        """Run one scheduler step; returns the requests that got a token (finished ones included).
+
+        Synchronous (the reference): schedule, launch, commit, collect, postprocess. Asynchronous: the
+        step launched here is collected by the next call, after that call has scheduled and launched its
+        own step, so the host's work for step t+1 overlaps the device's for step t; each call returns the
+        previous step's tokens."""
+        batch = self.scheduler.schedule()
+        launched = None
+        if batch:
+            try:
+                pending = self.runner.launch(batch)
+            except BaseException:
+                self.scheduler.rollback(batch)
+                raise
+            self.scheduler.commit(batch)
+            launched = (batch, pending)
+        if self.config.async_scheduling:
+            launched, self.in_flight = self.in_flight, launched
+        if launched is None:
             return []
-        try:
-            tokens, logprobs = self.runner.run(decode, prefill)
-        except BaseException:
-            for req in prefill:
-                for s in req.streams:
-                    self.runner.pools[s.pool].forget(s)
-            # a stream may count blocks another one published for this step as computed: every prefilling
-            # request goes back to the queue, to recompute from what the cache really holds
-            for req in reversed(prefill):
-                self.scheduler.running.remove(req)
-                self.scheduler.preempt(req)
-            raise
-        sampled = decode + [r for r in prefill if r.samples_this_step]
-        for req in decode + prefill:
-            for s in req.streams:
-                s.num_computed_tokens = s.step_end
-        for req, token, logprob in zip(sampled, tokens, logprobs):
-            req.append(token, logprob)
-            if req.is_finished:
-                self.scheduler.finish(req)
-        return sampled
+        batch, pending = launched
+        return self.scheduler.postprocess(batch, self.runner.collect(pending))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def abort(self, req: Request, reason: str = "abort") -> None:
         """End a request now and free its KV blocks."""

@@ -13,11 +13,14 @@ import torch
 from padengine.config import CPU_KV_BYTES, DEFAULT_BATCHED_TOKENS, GPU_KV_FRACTION, EngineConfig
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.cuda_graphs import DecodeGraphs
+from padengine.engine.readback import Pending, Readback, TokenResult
+from padengine.engine.scheduler import Batch
 from padengine.engine.sequence import Request
-from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, Uploader, layout_step
+from padengine.engine.sampling_fields import SamplingCache
+from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, StepResult, Uploader, layout_step
 from padengine.errors import require
-from padengine.layers.sampler import merge_rewards, pad_sample
-from padengine.models.llama import MLP, Attention, RMSNorm
+from padengine.kernels import get_ops
+from padengine.layers.sampler import Sample, apply_penalties, merge_rewards
 from padengine.models.loader import load_config, load_model, load_value_head
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ class ModelRunner:
                 f"{self.max_model_len} exceeds the models' max_position_embeddings ({limit})")
         self.max_batched_tokens = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
         self.vocab_size = model_cfgs[0].vocab_size
-        self.models = [load_model(p, c, self.max_model_len, cfg.torch_dtype, self.device, f)
+        self.ops = get_ops(cfg.kernels)     # the kernels the models are built on and the sampler
+        self.models = [load_model(p, c, self.max_model_len, cfg.torch_dtype, self.device, f, self.ops)
                        for p, c, f in zip(paths, model_cfgs, fields)]
         self.value_head = None
         if cfg.reward_model is not None:
@@ -60,28 +64,13 @@ class ModelRunner:
         two_on_cuda = self.device.type == "cuda" and len(self.models) == 2
         self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
         self.upload = Uploader(self.device)
-        self.sample = pad_sample
-        if cfg.kernels != "torch":
-            self._use_kernels(cfg.kernels)
+        self.readback = Readback(self.device)
+        self.sampling_cache = SamplingCache()
+        # asynchronous scheduling: each step leaves its tokens here, where the next one reads its inputs
+        self.sampled_tokens = (torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=self.device)
+                               if cfg.async_scheduling else None)
+        self.sample = self.ops.sample
         self.graphs = DecodeGraphs(self, cfg.max_num_seqs) if cfg.cuda_graphs else None
-
-    def _use_kernels(self, kind: str) -> None:
-        """Swap in the Triton kernels (and flash-attn's attention for "flash"), which take the torch
-        references' arguments one for one."""
-        import triton_kernels
-        attend = triton_kernels.paged_attention
-        if kind == "flash":
-            from padengine.layers.flash_attention import paged_attention as attend
-        for model in self.models:
-            model.model.rope.kernel = triton_kernels.apply_rotary
-            for module in model.modules():
-                if isinstance(module, RMSNorm):
-                    module.kernel = triton_kernels.rms_norm
-                elif isinstance(module, MLP):
-                    module.act = triton_kernels.silu_and_mul
-                elif isinstance(module, Attention):
-                    module.store, module.attend = triton_kernels.write_kv, attend
-        self.sample = triton_kernels.pad_sample
 
     def _activation_bytes(self, elem: int) -> int:
         """About the most one step's activations take: every model (they run at once on two streams)
@@ -128,43 +117,59 @@ class ModelRunner:
         return pools
 
     @torch.inference_mode()
-    def run(self, decode: list[Request], prefill: list[Request]) -> tuple[list[int], list[float]]:
-        """One step: the next token and its log-probability for each decoding request, then for each
-        prefilling one that `samples_this_step` (the others advance their chunked prefill only)."""
+    def launch(self, batch: Batch) -> Pending:
+        """Queue one step on the device: the next token (with its log-probabilities) of each sampled
+        request; the streams of unfinished chunked prefills only advance. Its results come back with
+        `collect`; on CUDA nothing here waits for the device."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)      # per thread: Triton and graph capture use the current device
-        n = len(decode) + sum(r.samples_this_step for r in prefill)
-        result = self.graphs.run(decode) if self.graphs is not None and not prefill else None
+        result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
         if result is None:
-            step = self.layout(decode, prefill)
+            step = self.layout(batch.decode, batch.prefill)
             ints = self.upload(step.fields.ints, torch.long)
             floats = self.upload(step.fields.floats, torch.float32)
             result = self.compute(step.inputs(ints, floats, self.windows, static=False))
-        tokens, logprobs = result
-        # one device-to-host copy for both (token ids are exact in float64)
-        host = torch.cat([tokens[:n].double(), logprobs[:n].double()]).tolist()
-        return [int(t) for t in host[:n]], host[n:]
+        return self.readback.start(result, len(batch.sampled))
+
+    def collect(self, pending: Pending) -> list[TokenResult]:
+        """A launched step's results, one per sampled request (waits for the step to finish)."""
+        return self.readback.collect(pending)
 
     def layout(self, decode: list[Request], prefill: list[Request], pad_to=None, width=None) -> StepLayout:
         return layout_step(decode, prefill, self.reward_pool, self.cfg.block_size, self.sink, self.vocab_size,
-                           pad_to, width)
+                           pad_to, width, feed=self.sampled_tokens is not None, cache=self.sampling_cache)
 
-    def compute(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step on the device: forwards, LM heads, reward merge and sampler. Nothing here waits on the
-        host, so a CUDA graph can capture it for a decode step."""
+    def compute(self, x: StepInputs) -> StepResult:
+        """The step on the device: forwards, LM heads, penalties, reward merge and sampler. Nothing here
+        waits on the host, so a CUDA graph can capture it for a decode step."""
         hidden = self._forward_all(x.models)
         if not x.num_rows:         # only chunks of prefills that do not finish in this step
-            return torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, device=self.device)
-        base_logits = self.models[0].logits(hidden[0][:x.num_rows])
+            empty = torch.empty(0, device=self.device)
+            return StepResult(Sample(empty.long(), empty, empty.long()[:, None], empty[:, None]), None)
+        raw_logits = base_logits = self.models[0].logits(hidden[0][:x.num_rows])
         t = x.tensors
+        penalize = None
+        if "repetition" in t:
+            generated = self._fed(t["generated_tokens"], t.get("generated_feed"))
+            penalize = _penalizer(t, generated, x.num_rows, self.vocab_size)
+        if penalize:
+            base_logits = penalize(base_logits, slice(0, x.num_rows))
         reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)
         if x.num_rewards:
             pool = self.reward_pool
             rows = self.models[pool].logits(hidden[pool][x.reward_start:x.reward_start + x.num_rewards],
                                             self.value_head)
+            if penalize:
+                rows = penalize(rows, t["owner"])
             reward_logits, weight = merge_rewards(base_logits, rows, t["owner"], t["weights"])
-        return self.sample(base_logits, reward_logits, t["top_k"], weight, t["temperature"], t["seed"],
-                           t["position"], max_k=x.max_k)
+        sample = self.sample(base_logits, reward_logits, t["top_k"], weight, t["temperature"], t["seed"],
+                             t["position"], t.get("top_p"), t.get("min_p"), max_k=x.max_k, num_top=x.num_top)
+        if self.sampled_tokens is not None:
+            self.sampled_tokens[:x.num_rows].copy_(sample.tokens)
+        base_lp = None
+        if x.base_logprobs:
+            base_lp = torch.log_softmax(raw_logits.float(), -1).gather(1, sample.tokens[:, None]).squeeze(1)
+        return StepResult(sample, base_lp)
 
     def _forward_all(self, models: list[ModelInputs | None]) -> list[torch.Tensor | None]:
         """Each model's hidden states at its streams' last tokens. On CUDA with two models, the reward
@@ -183,5 +188,24 @@ class ModelRunner:
         return [base, reward]
 
     def _forward(self, m: int, x: ModelInputs) -> torch.Tensor:
-        hidden = self.models[m](x.input_ids, x.positions, x.batch)
+        hidden = self.models[m](self._fed(x.input_ids, x.feed), x.positions, x.batch)
         return hidden if x.pick is None else hidden[x.pick]
+
+
+    def _fed(self, ids: torch.Tensor, feed: torch.Tensor | None) -> torch.Tensor:
+        """ids with the PENDING ones taken from the previous step's tokens (feed: their rows, else -1)."""
+        return ids if feed is None else torch.where(feed >= 0, self.sampled_tokens[feed.clamp(min=0)], ids)
+
+
+def _penalizer(t: dict[str, torch.Tensor], generated: torch.Tensor, rows: int, vocab: int):
+    """`penalize(logits, owners)`: the step's penalties on logits whose rows belong to sampler rows
+    `owners` (a slice or an index tensor; `rows` is the neutral row of padding streams). Occurrence counts
+    are built on the device from the uploaded (row, token) pairs."""
+    counts = torch.zeros(rows + 1, vocab, device=t["repetition"].device)
+    ones = torch.ones(t["generated_rows"].shape[0], device=counts.device)
+    counts.index_put_((t["generated_rows"], generated), ones, accumulate=True)
+    seen = counts > 0
+    seen[t["prompt_rows"], t["prompt_tokens"]] = True
+    return lambda logits, owners: apply_penalties(logits, counts[owners], seen[owners], t["repetition"][owners],
+                                                  t["presence"][owners], t["frequency"][owners])
+

@@ -9,16 +9,38 @@ of all of a request's streams samples its first token.
 Running requests come first: when one cannot get a block, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its
 prefix blocks are usually still cached). Admission is first come, first served, bounded by
-max_num_seqs, the token budget and free blocks in every pool a request needs.
+max_num_seqs, the token budget and free blocks in every pool a request needs. The n choices of one
+prompt form a group: admitted together (the first one's published prompt blocks serve the others, so
+the prompt is prefilled once) and preempted together.
+
+A step's life: `schedule` -> the runner launches it -> `commit` (its KV counts as computed, each sampled
+request holds a PENDING token) -> the runner collects its results -> `postprocess` (tokens appended,
+stops checked, finished requests freed); `rollback` if the launch fails. The synchronous loop collects
+each step right after launching it; the asynchronous one schedules and launches step t+1 first, so a
+request may be scheduled with its last token still PENDING (the device feeds it) and is dropped one step
+late when that token ends it. A preempted request resumes only once its pending token has been read.
 """
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Request, Status
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One step: the requests that decode a token, the ones that prefill (a chunk or all that is left),
+    and which of them the step samples (the decoding ones, then prefills that complete)."""
+    decode: list[Request]
+    prefill: list[Request]
+    sampled: list[Request]
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.prefill)
 
 
 class Scheduler:
@@ -35,53 +57,90 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Request], list[Request]]:
-        """The next step: running requests that decode one token, then the ones that prefill (a chunk,
-        or all that is left; `Request.samples_this_step` tells which). Both kinds share one forward
-        pass, so prefill work never stalls the running batch."""
-        kept = []
-        while self.running:
+    def schedule(self) -> Batch:
+        """The next step: running requests that decode one token, then the ones that prefill. Both kinds
+        share one forward pass, so prefill work never stalls the running batch. A request whose pending
+        token is sure to be its last (max_tokens) sits the step out."""
+        kept, decode, pools = [], [], self.pools
+        while self.running:         # the hot loop: one pass per running request, no per-token work
             req = self.running.popleft()
-            if req.is_prefilling:
-                kept.append(req)
+            streams, base = req.streams, req.base
+            if (len(base.token_ids) - base.num_prompt_tokens >= req.params.max_tokens
+                    or any(s.num_computed_tokens < len(s.token_ids) - 1 for s in streams)):
+                kept.append(req)    # its pending token is its last, or its chunked prefill goes on
                 continue
-            while not self._can_append(req):
-                if self.running:
-                    self.preempt(self.running.pop())
-                else:
-                    self.preempt(req)
-                    break
-            else:
-                for s in req.streams:
-                    self.pools[s.pool].append_slot(s)
-                    s.step_end = len(s)
-                kept.append(req)
+            if min(p.num_free for p in pools) < len(streams):      # a new block per stream at most
+                while req.status == Status.RUNNING and not self._can_append(req):
+                    self.preempt(self.running[-1] if self.running else req, kept)
+                if req.status != Status.RUNNING:                    # preempted with its group
+                    continue
+            for s in streams:
+                pools[s.pool].append_slot(s)
+                s.step_end = len(s.token_ids)
+            kept.append(req)
+            decode.append(req)
         self.running.extend(kept)
-        decode = [r for r in kept if not r.is_prefilling]
+        decode = [r for r in decode if r.status == Status.RUNNING]     # a later victim's group
         budget = self.max_num_batched_tokens - sum(len(r.streams) for r in decode)
         prefill = []
-        for req in (r for r in kept if r.is_prefilling):
+        for req in (r for r in kept if r.is_prefilling and r.status == Status.RUNNING):
             if budget <= 0:
                 break
             budget -= self._chunk(req, budget)
             prefill.append(req)
-        return decode, prefill + self._admit(budget)
+        prefill += self._admit(budget)
+        return Batch(decode, prefill, decode + [r for r in prefill if r.samples_this_step])
+
+    def commit(self, batch: Batch) -> None:
+        """The step is launched: its streams' KV is (being) written, and each sampled request holds a
+        PENDING token until `postprocess` reads it."""
+        for req in batch.decode + batch.prefill:
+            for s in req.streams:
+                s.num_computed_tokens = s.step_end
+        for row, req in enumerate(batch.sampled):
+            req.reserve(row)
+
+    def postprocess(self, batch: Batch, results: list) -> list[Request]:
+        """A step's results (one per sampled request, in order) into its requests; finished ones are
+        freed. Requests that ended while the step was in flight (an abort, a stop string, a stop token
+        drawn by the step before) drop their token. Returns the requests that got one."""
+        advanced = []
+        for req, result in zip(batch.sampled, results):
+            if req.is_finished:
+                continue
+            req.fill(*result)
+            if req.is_finished:
+                self.finish(req)
+            advanced.append(req)
+        return advanced
+
+    def rollback(self, batch: Batch) -> None:
+        """A step failed to launch: its prefilling requests go back to the queue, to recompute from what the
+        cache really holds (a stream may count blocks another one published for this step as computed),
+        and the blocks published for it leave the prefix cache, since their KV was never written."""
+        for req in batch.prefill:
+            for s in req.streams:
+                self.pools[s.pool].forget(s)
+        for req in reversed(batch.prefill):
+            if req.status == Status.RUNNING:      # not already sent back with its group
+                self.preempt(req)
 
     def _admit(self, budget: int) -> list[Request]:
         """Waiting requests, first come first served, while sequences, tokens and blocks last."""
         prefill = []
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            req = self.waiting[0]
-            if not self._can_allocate(req):
+        while self.waiting and budget > 0 and not self.waiting[0].num_pending:
+            group = [r for r in self.waiting[0].group or [self.waiting[0]] if r.status == Status.WAITING]
+            if len(self.running) + len(group) > self.max_num_seqs or not self._can_allocate(group):
                 break
-            self.waiting.popleft()
-            budget -= self._chunk(req, budget, allocate=True)
-            req.status = Status.RUNNING
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = time.perf_counter()
-                req.metrics.num_cached_tokens = req.base.num_cached_tokens
-            self.running.append(req)
-            prefill.append(req)
+            for req in group:       # a group is admitted whole: its later choices hit the first's blocks
+                self.waiting.remove(req)
+                budget -= self._chunk(req, budget, allocate=True)
+                req.status = Status.RUNNING
+                if req.metrics.first_scheduled_time is None:
+                    req.metrics.first_scheduled_time = time.perf_counter()
+                    req.metrics.num_cached_tokens = req.base.num_cached_tokens
+                self.running.append(req)
+                prefill.append(req)
         return prefill
 
     def _chunk(self, req: Request, budget: int, allocate: bool = False) -> int:
@@ -107,12 +166,19 @@ class Scheduler:
             used += len(req.streams)
         return used
 
-    def preempt(self, req: Request) -> None:
-        logger.debug("preempting request %d after %d tokens", req.request_id, len(req.output_ids))
-        self._release(req)
-        req.status = Status.WAITING
-        req.metrics.num_preemptions += 1
-        self.waiting.appendleft(req)
+    def preempt(self, req: Request, scheduled: list[Request] | None = None) -> None:
+        """Free req's blocks and put it back at the front of the queue, with the running requests of its
+        group (taken out of `scheduled` too, this step's decode list so far), which resume together."""
+        group = [r for r in req.group or [req] if r.status == Status.RUNNING]
+        for r in reversed(group):
+            logger.debug("preempting request %d after %d tokens", r.request_id, len(r.output_ids))
+            for queue in (self.running, scheduled or []):
+                if r in queue:
+                    queue.remove(r)
+            self._release(r)
+            r.status = Status.WAITING
+            r.metrics.num_preemptions += 1
+            self.waiting.appendleft(r)
 
     def finish(self, req: Request) -> None:
         """Free a finished or aborted request's blocks and drop it from the queues."""
@@ -126,9 +192,10 @@ class Scheduler:
         for s in req.streams:
             self.pools[s.pool].release(s)
 
-    def _can_allocate(self, req: Request) -> bool:
+    def _can_allocate(self, group: list[Request]) -> bool:
+        """Room for every stream of the group without counting on the prefix cache."""
         need = [0] * len(self.pools)
-        for s in req.streams:
+        for s in (s for req in group for s in req.streams):
             need[s.pool] += self.pools[s.pool].blocks_needed(len(s))
         return all(n <= pool.num_free for n, pool in zip(need, self.pools))
 

@@ -11,6 +11,9 @@ from enum import Enum, auto
 from padengine.sampling_params import SamplingParams
 
 
+PENDING = -1       # a token sampled by a step whose results the host has not read yet
+
+
 class Status(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -66,9 +69,12 @@ class RequestOutput:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[float]
+    logprobs: list[float]                        # each token's, under the distribution it was drawn from
     metrics: RequestMetrics
     reward_prompt_token_ids: list[list[int]]     # one per reward stream (empty when unguided)
+    top_logprobs: list[list[tuple[int, float]]]  # per token, params.top_logprobs (id, log-prob), best first
+    base_logprobs: list[float]                   # per token, the base model's own (if params.base_logprobs)
+    choice: int = 0                              # which of the prompt's params.n choices
 
 
 @dataclass(eq=False)
@@ -79,10 +85,15 @@ class Request:
     stop_ids: set[int]                   # end-of-sequence ids (unless ignore_eos) and stop_token_ids
     streams: list[Sequence]              # base first, then one reward stream per weighted preference
     weights: list[float]                 # the PAD weight of each reward stream
+    choice: int = 0                      # index in its group (the params.n choices of one prompt)
+    group: list["Request"] = field(default_factory=list)   # the prompt's choices in order (itself included)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    base_logprobs: list[float] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    pending_row: int = -1                # the sampler row of the last step that drew this request's token
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     @property
@@ -96,7 +107,8 @@ class Request:
     def output(self, text: str) -> RequestOutput:
         prompt = lambda s: s.token_ids[:s.num_prompt_tokens]
         return RequestOutput(self.request_id, text, list(self.output_ids), prompt(self.base), self.finish_reason,
-                             list(self.logprobs), self.metrics, [prompt(s) for s in self.rewards])
+                             list(self.logprobs), self.metrics, [prompt(s) for s in self.rewards],
+                             list(self.top_logprobs), list(self.base_logprobs), self.choice)
 
     @property
     def is_prefilling(self) -> bool:
@@ -112,14 +124,32 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
-    def append(self, token: int, logprob: float) -> None:
-        """Add the chosen token to every stream; finish on a stop token or at max_tokens."""
+    @property
+    def num_pending(self) -> int:
+        """Tokens drawn by launched steps whose results have not been read (PENDING in the streams)."""
+        return len(self.base) - self.base.num_prompt_tokens - len(self.output_ids)
+
+    def reserve(self, row: int) -> None:
+        """A launched step draws this request's next token at sampler row `row`: every stream gets a
+        PENDING placeholder, which the next step reads from the device and `fill` replaces."""
+        for s in self.streams:
+            s.token_ids.append(PENDING)
+        self.pending_row = row
+
+    def fill(self, token: int, logprob: float, top: list[tuple[int, float]] | None = None,
+             base_logprob: float | None = None) -> None:
+        """The oldest placeholder's token, read back: into every stream and the output; finish on a stop
+        token or at max_tokens. `top` (the alternatives) and `base_logprob` are kept as far as the request
+        asked for them."""
         if not self.output_ids:
             self.metrics.first_token_time = time.perf_counter()
         for s in self.streams:
-            s.token_ids.append(token)
+            s.token_ids[s.num_prompt_tokens + len(self.output_ids)] = token
         self.output_ids.append(token)
         self.logprobs.append(logprob)
+        self.top_logprobs.append((top or [])[:self.params.top_logprobs])
+        if self.params.base_logprobs:
+            self.base_logprobs.append(base_logprob)
         self.metrics.num_generated_tokens = len(self.output_ids)
         if token in self.stop_ids:
             self.finish("stop")

@@ -12,11 +12,14 @@ their K/V into the pool's sink block (which no sequence owns), read one token of
 weight 0; their results are dropped.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from padengine.engine.sequence import Request, Sequence
+from padengine.engine.sequence import PENDING, Request, Sequence
 from padengine.layers.attention import AttnBatch
+from padengine.engine.sampling_fields import SamplingCache, penalty_fields, sampling_fields
+from padengine.layers.sampler import Sample
 
 
 class Fields:
@@ -34,6 +37,10 @@ class Fields:
         buf.extend([0] * (-len(buf) % (4 if floating else 2)))
         self.fields.append((name, floating, len(buf), len(values), shape))
         buf.extend(values)
+
+    @property
+    def names(self) -> set[str]:
+        return {f[0] for f in self.fields}
 
     def views(self, ints: torch.Tensor, floats: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -77,6 +84,8 @@ class ModelInputs:
     batch: AttnBatch
     pick: torch.Tensor | None      # rows of the forward's output that are its streams' last tokens, in
                                    # stream order (None: one token per stream, already in order)
+    feed: torch.Tensor | None      # per input id, the previous step's sampler row that holds it (PENDING
+                                   # ids), else -1; None without asynchronous scheduling
 
 
 @dataclass
@@ -85,8 +94,17 @@ class StepInputs:
     num_rows: int                  # sampler rows: the requests, then padding
     reward_start: int              # first reward stream's row in the reward model's picked hidden
     num_rewards: int
-    tensors: dict[str, torch.Tensor]   # top_k, temperature, seed, position [rows]; owner, weights [rewards]
+    tensors: dict[str, torch.Tensor]   # top_k, temperature, seed, position [rows]; owner, weights [rewards];
+                                       # top_p, min_p [rows] if any row filters; penalties if any row has one
     max_k: int                     # the sampler's candidate width: the largest top-k, or the vocabulary
+    num_top: int                   # alternatives per row with their log-probabilities
+    base_logprobs: bool            # also the base model's log-probability of each chosen token
+
+
+class StepResult(NamedTuple):
+    """A step's results on the device, one row per sampled request (then padding)."""
+    sample: Sample
+    base_logprobs: torch.Tensor | None
 
 
 @dataclass
@@ -98,6 +116,8 @@ class StepLayout:
     reward_start: int
     num_rewards: int
     max_k: int
+    num_top: int
+    base_logprobs: bool
 
     def inputs(self, ints: torch.Tensor, floats: torch.Tensor, windows: list[int | None],
                static: bool) -> StepInputs:
@@ -111,16 +131,20 @@ class StepLayout:
                 continue
             batch = AttnBatch(h["num_decode"], t[f"slots{m}"], t[f"tables{m}"], t[f"context_lens{m}"],
                               h["query_lens"], None if static else h["lens"], windows[m], t.get(f"cu_seqlens{m}"))
-            models.append(ModelInputs(t[f"ids{m}"], t[f"positions{m}"], batch, t.get(f"pick{m}")))
-        return StepInputs(models, self.num_rows, self.reward_start, self.num_rewards, t, self.max_k)
+            models.append(ModelInputs(t[f"ids{m}"], t[f"positions{m}"], batch, t.get(f"pick{m}"), t.get(f"feed{m}")))
+        return StepInputs(models, self.num_rows, self.reward_start, self.num_rewards, t, self.max_k, self.num_top,
+                          self.base_logprobs)
 
 
 def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int | None, block_size: int,
                 sink: int, vocab: int, pad_to: tuple[int, int] | None = None,
-                width: int | None = None) -> StepLayout:
+                width: int | None = None, feed: bool = False, cache: SamplingCache | None = None) -> StepLayout:
     """Lay out a step. The sampler's rows are the decoding requests, then the prefilling ones whose
     step completes their prefill; the streams of unfinished chunked prefills are computed, not sampled.
-    `width` fixes the block tables' width (a graph's)."""
+    `width` fixes the block tables' width (a graph's). `feed` (asynchronous scheduling): PENDING input ids
+    are read on the device from the previous step's tokens. `cache` keeps the sampler's per-request fields
+    across steps with the same requests."""
+    rows_of = {id(s): r.pending_row for r in decode for s in r.streams} if feed else None
     reqs = decode + [r for r in prefill if r.samples_this_step]
     rows, num_rewards = pad_to or (len(reqs), sum(len(r.rewards) for r in reqs))
     owners = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
@@ -134,25 +158,29 @@ def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int 
     for m, streams in enumerate(picked):
         pool = 0 if m == 0 else reward_pool
         extra = [s for s in chunks if s.pool == pool]
-        models.append(_layout_model(fields, m, streams, extra, prefilling, block_size, sink, width)
+        models.append(_layout_model(fields, m, streams, extra, prefilling, block_size, sink, width, rows_of)
                       if streams or extra else None)
-    pad = rows - len(reqs)
-    p = [r.params for r in reqs]
-    fields.add("top_k", [x.top_k for x in p] + [1] * pad)
-    fields.add("seed", [r.seed for r in reqs] + [0] * pad)
-    fields.add("position", [len(r.output_ids) for r in reqs] + [0] * pad)
-    fields.add("temperature", [x.temperature for x in p] + [0.0] * pad, floating=True)
-    if num_rewards:
-        fields.add("owner", [i for i, _, _ in owners] + [rows] * (num_rewards - len(owners)))
-        fields.add("weights", [w for _, _, w in owners] + [0.0] * (num_rewards - len(owners)), floating=True)
-    max_k = max((x.num_candidates(vocab) for x in p), default=1)
-    return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, max_k)
+    key = (tuple(map(id, reqs)), rows, num_rewards, vocab)
+    static = cache.get(key) if cache is not None else None
+    if static is None:
+        static = sampling_fields(reqs, owners, rows, num_rewards, vocab)
+        if cache is not None:
+            cache.key, cache.value = key, static
+    for name, values, floating in static.values:
+        fields.add(name, values, floating=floating)
+    fields.add("position", [len(r.base.token_ids) - r.base.num_prompt_tokens for r in reqs] + [0] * (rows - len(reqs)))
+    if static.penalized:
+        penalty_fields(fields, reqs, rows, feed)
+    return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, static.max_k,
+                      static.num_top, static.base_logprobs)
 
 
 def _layout_model(fields: Fields, m: int, picked: list[Sequence | None], extra: list[Sequence],
-                  prefilling: set[int], bs: int, sink: int, width: int | None) -> dict:
+                  prefilling: set[int], bs: int, sink: int, width: int | None,
+                  rows_of: dict[int, int] | None) -> dict:
     """One model's fields: `picked` streams (None: padding) yield a hidden row each, `extra` ones are
-    only computed. Decoding streams and padding go first in the batch."""
+    only computed. Decoding streams and padding go first in the batch. `rows_of` (asynchronous
+    scheduling): the previous step's sampler row of each decoding stream, whose last id is PENDING."""
     streams = picked + extra
     order = sorted(range(len(streams)), key=lambda i: streams[i] is not None and id(streams[i]) in prefilling)
     seqs = [streams[i] for i in order]
@@ -162,7 +190,12 @@ def _layout_model(fields: Fields, m: int, picked: list[Sequence | None], extra: 
     starts = [s.num_computed_tokens if s is not None else 0 for s in seqs]
     lens = [s.step_end if s is not None else 1 for s in seqs]
     query_lens = [n - a for a, n in zip(starts, lens)]
-    fields.add(f"ids{m}", [t for s, a, n in zip(seqs, starts, lens) for t in (s.token_ids[a:n] if s else [0])])
+    ids = [t for s, a, n in zip(seqs, starts, lens) for t in (s.token_ids[a:n] if s else [0])]
+    fields.add(f"ids{m}", ids)
+    if rows_of is not None:     # only a decoding stream's last id can be PENDING
+        row = [rows_of.get(id(s), -1) for s in seqs]
+        per_id = (r for r, q in zip(row, query_lens) for _ in range(q))
+        fields.add(f"feed{m}", [r if t == PENDING else -1 for t, r in zip(ids, per_id)])
     fields.add(f"positions{m}", [p for a, n in zip(starts, lens) for p in range(a, n)])
     fields.add(f"slots{m}", [t[p // bs] * bs + p % bs for t, a, n in zip(tables, starts, lens) for p in range(a, n)])
     fields.add(f"tables{m}", [b for t in tables for b in t + [sink] * (width - len(t))], (len(seqs), width))
@@ -180,3 +213,4 @@ def _layout_model(fields: Fields, m: int, picked: list[Sequence | None], extra: 
         inverse = sorted(range(len(order)), key=order.__getitem__)
         fields.add(f"pick{m}", [last[i] for i in inverse[:len(picked)]])
     return dict(num_decode=num_decode, query_lens=query_lens, lens=lens)
+

@@ -24,7 +24,7 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Holds a cos/sin table for every position up to max_len; applies it to q and k."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None):
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None, kernel=None):
         super().__init__()
         self.head_dim, self.max_len, self.theta, self.scaling = head_dim, max_len, theta, scaling or {}
         self.kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
@@ -32,7 +32,7 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError(f"rope_scaling: type {self.kind!r} is not supported (default and llama3 are)")
         self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
-        self.kernel = apply_rotary      # the runner may swap in the Triton kernel
+        self.kernel = kernel or apply_rotary    # an op set's rotary, as apply_rotary
         self.build()
 
     def build(self):

@@ -7,6 +7,8 @@ noise hashed from (seed, position, token id), so a draw depends only on the requ
 position of the token, never on the rest of the batch, and replays identically after preemption.
 `pad_sample` is the torch implementation; the fused Triton kernel has the same signature and noise.
 """
+from typing import NamedTuple
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -59,19 +61,64 @@ def pad_scores(base_logits, reward_logits, top_k, weight, max_k=None):
     return cand, score.masked_fill(invalid, float("-inf"))
 
 
-def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, max_k=None):
+class Sample(NamedTuple):
+    tokens: torch.Tensor           # [N] int64
+    logprobs: torch.Tensor         # [N] float32: the choice under the distribution it was drawn from
+    top_ids: torch.Tensor          # [N, num_top] int64: the most likely candidates of that distribution
+    top_logprobs: torch.Tensor     # [N, num_top] float32; -inf where fewer candidates survive
+
+
+def filter_scores(scaled, top_p, min_p):
+    """Remove candidates from softmax(scaled) [N, K] (-inf off the candidates): min_p drops those below
+    min_p times the most likely one's probability; top_p keeps the most likely ones whose probability
+    mass before them is below top_p, ties at the cut kept. Both look at the unfiltered distribution, so
+    their order does not matter; top_p = 1 and min_p = 0 remove nothing."""
+    logp = torch.log_softmax(scaled, dim=-1)
+    drop = torch.zeros_like(scaled, dtype=torch.bool)
+    if min_p is not None:
+        drop |= logp < (logp.max(-1).values + torch.log(min_p.float()))[:, None]
+    if top_p is not None:
+        ranked = logp.sort(-1, descending=True).values
+        mass_before = ranked.exp().cumsum(-1) - ranked.exp()
+        cut = torch.where(mass_before < top_p.float()[:, None], ranked, float("inf")).min(-1).values
+        drop |= (logp < cut[:, None]) & (top_p < 1)[:, None]
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, top_p=None, min_p=None,
+               max_k=None, num_top=0) -> Sample:
     """Pick one token per row. Every argument after reward_logits is a per-row tensor [N].
     reward_logits may be None (plain top-k decoding) and may be wider than the base vocabulary.
-    `max_k` (a host int, at least every row's effective k) spares a host sync, as in a CUDA graph.
-    Returns (token_ids [N] int64, logprobs [N] float32: log softmax(score / T) of the choice, T=1 if 0)."""
+    top_p and min_p (None: no filter) narrow softmax(score / T) before the draw. `max_k` (a host int, at
+    least every row's effective k) spares a host sync, as in a CUDA graph. `num_top` alternatives per
+    row come back with their log-probabilities. Log-probabilities are those of the filtered
+    softmax(score / T), at T = 1 for greedy rows."""
     cand, score = pad_scores(base_logits, reward_logits, top_k, weight, max_k)
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     scaled = score / temp
-    noisy = (scaled + gumbel_noise(seed, position, cand)).masked_fill(score == float("-inf"), float("-inf"))
+    if top_p is not None or min_p is not None:
+        scaled = filter_scores(scaled, top_p, min_p)
+    noisy = (scaled + gumbel_noise(seed, position, cand)).masked_fill(scaled == float("-inf"), float("-inf"))
     pick = torch.where(greedy, scaled.argmax(-1), noisy.argmax(-1))
-    logprobs = torch.log_softmax(scaled, dim=-1).gather(1, pick[:, None]).squeeze(1)
-    return cand.gather(1, pick[:, None]).squeeze(1), logprobs
+    logp = torch.log_softmax(scaled, dim=-1)
+    top_lp, top_at = logp.topk(min(num_top, logp.shape[1]), dim=-1)
+    return Sample(cand.gather(1, pick[:, None]).squeeze(1), logp.gather(1, pick[:, None]).squeeze(1),
+                  cand.gather(1, top_at), top_lp)
+
+
+def apply_penalties(logits, counts, seen, repetition, presence, frequency):
+    """vLLM's penalties on logits [N, >= V] (the first V columns, the base vocabulary): `counts` [N, V]
+    how often each token was generated, `seen` [N, V] whether it is in the prompt or was generated.
+    Repetition divides a positive logit (multiplies a negative one) of every seen token; presence
+    subtracts once per generated token, frequency once per occurrence. Returns a new float32 tensor."""
+    out = logits.float().clone()
+    vocab = counts.shape[1]
+    z = out[:, :vocab]
+    rep = repetition.float()[:, None]
+    z.copy_(torch.where(seen, torch.where(z > 0, z / rep, z * rep), z))
+    z -= frequency.float()[:, None] * counts + presence.float()[:, None] * (counts > 0)
+    return out
 
 
 def merge_rewards(base_logits, reward_rows, owner, weights):

@@ -1,19 +1,22 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2) as one lean torch model that runs on the paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as one lean torch model that runs on the paged KV cache.
 
-Read top to bottom: config, attention, MLP, decoder layer, model. Linear layers keep transformers'
+Read top to bottom: config, norms, attention, MLP, decoder layer, model. Linear layers keep transformers'
 parameter names, except that q/k/v and gate/up are fused into one matmul each (`PACKED` tells the
-loader where each checkpoint tensor goes).
+loader where each checkpoint tensor goes). Qwen3 adds an RMSNorm over each query and key head
+(`q_norm`, `k_norm`) before the rotary embedding. The model is built with an op set (`padengine.kernels`):
+every linear layer, norm, the rotary embedding, the activation and the attention call its functions.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from padengine.layers.attention import AttnBatch, paged_attention, write_kv
+from padengine.kernels import Ops, get_ops
+from padengine.layers.attention import AttnBatch
 from padengine.layers.rotary import RotaryEmbedding
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "llama3")
 
 # checkpoint name -> (fused parameter, shard index)
 PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -39,14 +42,16 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     sliding_window: int | None
+    qk_norm: bool = False       # Qwen3: RMSNorm over each q and k head, before rotary
 
     @classmethod
     def from_hf(cls, c) -> "ModelConfig":
+        """Raises ValueError, naming the config field, for what the engine does not run."""
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
         theta = rope.pop("rope_theta", None) or getattr(c, "rope_theta", 10000.0)
-        window = getattr(c, "sliding_window", None)
-        if c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False):
-            window = None
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling: type {kind!r} is not supported ({' and '.join(ROPE_TYPES)} are)")
         attn_bias = bool(getattr(c, "attention_bias", False))
         return cls(
             model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -58,35 +63,68 @@ class ModelConfig:
             max_position_embeddings=c.max_position_embeddings,
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             qkv_bias=attn_bias or c.model_type == "qwen2", o_bias=attn_bias,
-            mlp_bias=bool(getattr(c, "mlp_bias", False)), sliding_window=window)
+            mlp_bias=bool(getattr(c, "mlp_bias", False)), sliding_window=_sliding_window(c),
+            qk_norm=c.model_type == "qwen3")
 
 
-def rms_norm(x, weight, eps: float, residual=None):
-    """Returns (normed, residual): with `residual`, x + residual is normed and becomes the new residual;
-    without, x itself is. The norm runs in float32 and is rounded before the weight, as in transformers."""
-    if residual is not None:
-        x = x + residual
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype), x
+def _sliding_window(c) -> int | None:
+    """The one attention window of every layer (None: full attention). Mistral windows every layer;
+    Qwen2/Qwen3 only with `use_sliding_window`, and then only layers >= `max_window_layers` (their
+    `layer_types`). The engine runs one window per model, so a mix of windowed and full layers is refused."""
+    window = getattr(c, "sliding_window", None)
+    if c.model_type not in ("qwen2", "qwen3"):
+        return window
+    if not getattr(c, "use_sliding_window", False) or window is None:
+        return None
+    first = getattr(c, "max_window_layers", 0)
+    types = list(getattr(c, "layer_types", None) or ["sliding_attention" if i >= first else "full_attention"
+                                                     for i in range(c.num_hidden_layers)])
+    if set(types) == {"full_attention"}:
+        return None
+    if set(types) == {"sliding_attention"}:
+        return window
+    raise ValueError(f"use_sliding_window: a sliding window on some layers only (max_window_layers={first}, "
+                     f"layer_types={types}) is not supported; the engine runs one attention window for "
+                     f"all layers (set max_window_layers to 0 to window all, or use_sliding_window false)")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`kernel(x, weight, eps, residual)` -> (normed, residual): the op set's rms_norm."""
+
+    def __init__(self, dim: int, eps: float, kernel):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.kernel = rms_norm      # the runner may swap in the Triton kernel
+        self.kernel = kernel
 
     def forward(self, x, residual=None):
         return self.kernel(x, self.weight, self.eps, residual)
 
 
-class FusedLinear(nn.Linear):
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over each head of x [T, heads, head_dim] (Qwen3's q_norm / k_norm). The kernel gets the
+    heads as rows of a contiguous [T * heads, head_dim] copy, as the Triton kernel needs."""
+
+    def forward(self, x):
+        return self.kernel(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps)[0].view(x.shape)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through the op set's `linear(x, weight, bias)` (as F.linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kernel):
+        super().__init__(in_features, out_features, bias=bias)
+        self.kernel = kernel
+
+    def forward(self, x):
+        return self.kernel(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """One matmul for several projections that read the same input; `shards` are their output sizes."""
 
-    def __init__(self, in_features: int, shards: list[int], bias: bool):
-        super().__init__(in_features, sum(shards), bias=bias)
+    def __init__(self, in_features: int, shards: list[int], bias: bool, kernel):
+        super().__init__(in_features, sum(shards), bias, kernel)
         self.shards = shards
 
     def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
@@ -95,52 +133,50 @@ class FusedLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ops: Ops):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], cfg.qkv_bias, ops.linear)
+        self.o_proj = Linear(q, cfg.hidden_size, cfg.o_bias, ops.linear)
+        self.q_norm = HeadRMSNorm(self.head_dim, cfg.rms_norm_eps, ops.rms_norm) if cfg.qk_norm else None
+        self.k_norm = HeadRMSNorm(self.head_dim, cfg.rms_norm_eps, ops.rms_norm) if cfg.qk_norm else None
         self.rope = rope
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = None  # views into the model's KV pool, set by the runner
-        self.store, self.attend = write_kv, paged_attention   # the runner may swap in Triton kernels
+        self.store, self.attend = ops.write_kv, ops.attention
 
     def forward(self, x, positions, batch: AttnBatch):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.shards, dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         self.store(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         out = self.attend(q, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(out.flatten(1))
 
 
-def silu_and_mul(x):
-    """x [T, 2 * I] (gate, then up) -> silu(gate) * up."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
-        self.gate_up_proj = FusedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act = silu_and_mul     # the runner may swap in the Triton kernel
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, cfg.mlp_bias, ops.linear)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ops.linear)
+        self.act = ops.silu_and_mul     # [T, 2I] (gate, then up) -> silu(gate) * up
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ops: Ops):
         super().__init__()
-        self.self_attn = Attention(cfg, rope)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rope, ops)
+        self.mlp = MLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
 
     def forward(self, x, residual, positions, batch):
         """Returns (output, residual): the residual add of each sub-block is left to the next norm,
@@ -152,12 +188,12 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int):
+    def __init__(self, cfg: ModelConfig, max_len: int, ops: Ops):
         super().__init__()
-        self.rope = rope = RotaryEmbedding(cfg.head_dim, max_len, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = rope = RotaryEmbedding(cfg.head_dim, max_len, cfg.rope_theta, cfg.rope_scaling, ops.rotary)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
 
     def forward(self, input_ids, positions, batch):
         x, residual = self.embed_tokens(input_ids), None
@@ -167,13 +203,14 @@ class Transformer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Trunk + LM head."""
+    """Trunk + LM head, on the op set `ops` (default: the torch references)."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int):
+    def __init__(self, cfg: ModelConfig, max_len: int, ops: Ops | None = None):
         super().__init__()
         self.config = cfg
-        self.model = Transformer(cfg, max_len)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        ops = ops or get_ops("torch")
+        self.model = Transformer(cfg, max_len, ops)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, ops.linear)
 
     def materialize(self, device, dtype) -> "CausalLM":
         """Allocate (uninitialized) weights of a model built on `meta`, ready for the loader."""

@@ -2,7 +2,7 @@
 
 Every problem with a folder becomes an `InvalidInput` naming the engine argument (`field`) it came
 from: a missing folder or weight file, a corrupt or truncated safetensors file, a missing tensor,
-an unsupported architecture.
+an unsupported architecture or config field (rope type, a sliding window on some layers only).
 """
 import json
 import os
@@ -27,7 +27,10 @@ def load_config(path: str, field: str) -> ModelConfig:
         raise InvalidInput(field, f"cannot read config of {path!r}: {e}") from e
     require(hf.model_type in SUPPORTED, field,
             f"unsupported architecture {hf.model_type!r} in {path!r} (supported: {', '.join(SUPPORTED)})")
-    return ModelConfig.from_hf(hf)
+    try:
+        return ModelConfig.from_hf(hf)
+    except ValueError as e:    # a config field the engine does not run (the message names it)
+        raise InvalidInput(field, f"unsupported config in {path!r}: {e}") from e
 
 
 def load_tokenizer(path: str, field: str):
@@ -74,9 +77,10 @@ def read_tensors(file: str, field: str):
         raise InvalidInput(field, f"corrupt or truncated weight file {file!r}: {e}") from e
 
 
-def load_model(path: str, cfg: ModelConfig, max_len: int, dtype, device, field: str) -> CausalLM:
+def load_model(path: str, cfg: ModelConfig, max_len: int, dtype, device, field: str, ops=None) -> CausalLM:
+    """`ops`: the op set (padengine.kernels.Ops) the model runs on; default the torch references."""
     with torch.device("meta"):
-        model = CausalLM(cfg, max_len)
+        model = CausalLM(cfg, max_len, ops)
     model.materialize(device, dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()

@@ -1,1 +1,1 @@
-"""Serving: streaming detokenization, the asyncio engine, metrics and the OpenAI-compatible HTTP server."""
+"""Serving: the asyncio engine, metrics and the OpenAI-compatible HTTP server (detokenization is engine/)."""

@@ -2,19 +2,21 @@
 
 One background thread owns the Engine and drives the scheduler; callers never touch it. They hand
 requests and aborts over through a locked inbox, and receive their StreamOutputs on an asyncio queue
-(via call_soon_threadsafe). Torch releases the GIL during the model step, so the event loop keeps
+(via call_soon_threadsafe), one queue per call: a prompt's params.n choices, or a batch of prompts, come
+interleaved through one async iterator. Torch releases the GIL during the model step, so the event loop keeps
 serving while the engine computes. Leaving an `async for` early (a client that disconnects, a
 cancelled task) aborts the request, whose KV blocks are freed before the next step.
 """
 import asyncio
 import logging
 import threading
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from padengine.engine.llm_engine import Engine
 from padengine.engine.sequence import Request
-from padengine.serving.detokenizer import IncrementalDetokenizer, StreamOutput
+from padengine.engine.detokenizer import IncrementalDetokenizer, StreamOutput
 from padengine.serving.metrics import Stats
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,9 @@ class QueueFull(RuntimeError):
 class _Stream:
     req: Request
     detok: IncrementalDetokenizer
-    queue: asyncio.Queue
+    queue: asyncio.Queue                 # shared by the requests of one `stream` call
     loop: asyncio.AbstractEventLoop
+    index: int = 0                       # position in that call's batch
 
 
 class AsyncEngine:
@@ -48,28 +51,43 @@ class AsyncEngine:
     async def generate(self, prompt: str | None = None, params=None, *, preference=None,
                        prompt_token_ids: list[int] | None = None, reward_prompt_token_ids=None,
                        stop: list[str] | None = None) -> AsyncIterator[StreamOutput]:
-        """Stream one request. Raises InvalidInput for bad input and QueueFull when the queue is full,
-        both before anything is queued."""
-        req, = self.engine.inputs.make_requests(
-            None if prompt is None else [prompt], params, None if preference is None else [preference],
-            None if prompt_token_ids is None else [prompt_token_ids],
-            None if reward_prompt_token_ids is None else [reward_prompt_token_ids])
-        stream = _Stream(req, IncrementalDetokenizer(self.engine.tokenizer, stop), asyncio.Queue(),
-                         asyncio.get_running_loop())
+        """Stream one prompt: its params.n choices, interleaved (`StreamOutput.choice`). Raises InvalidInput
+        for bad input and QueueFull when the queue is full, both before anything is queued."""
+        async with aclosing(self.stream(
+                None if prompt is None else [prompt], params, preferences=None if preference is None else [preference],
+                prompt_token_ids=None if prompt_token_ids is None else [prompt_token_ids],
+                reward_prompt_token_ids=None if reward_prompt_token_ids is None else [reward_prompt_token_ids],
+                stop=stop)) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def stream(self, prompts: list[str] | None = None, params=None, *, preferences=None,
+                     prompt_token_ids: list[list[int]] | None = None, reward_prompt_token_ids=None,
+                     stop: list[str] | None = None) -> AsyncIterator[StreamOutput]:
+        """Like `Engine.stream`: every request of a batch (params.n per prompt, prompt-major), their outputs
+        interleaved as they come; `StreamOutput.index` is the request's position in that order (prompt * n +
+        choice when every prompt has the same n). It ends when all have finished; leaving early aborts all
+        the unfinished ones. Raises InvalidInput / QueueFull before anything is queued."""
+        reqs = self.engine.inputs.make_requests(prompts, params, preferences, prompt_token_ids,
+                                                reward_prompt_token_ids)
+        queue, loop = asyncio.Queue(), asyncio.get_running_loop()
+        streams = [_Stream(req, IncrementalDetokenizer(self.engine.tokenizer, stop), queue, loop, i)
+                   for i, req in enumerate(reqs)]
         with self._lock:
             if self.max_queue is not None and self.num_waiting() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._inbox.append(stream)
+            self._inbox.extend(streams)
         self._wake.set()
-        finished = False
+        pending = {req.request_id for req in reqs}
         try:
-            while not finished:
-                out = await stream.queue.get()
-                finished = out.finished
+            while pending:
+                out = await queue.get()
+                if out.finished:
+                    pending.discard(out.request_id)
                 yield out
         finally:
-            if not finished:
-                self.abort(req.request_id)
+            for rid in pending:
+                self.abort(rid)
 
     def abort(self, request_id: int) -> None:
         with self._lock:
@@ -87,7 +105,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stopped:
             self._take_inbox()
-            if not self.engine.scheduler.has_work():
+            if not self.engine.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -118,7 +136,7 @@ class AsyncEngine:
 
     def _send(self, stream: _Stream) -> None:
         try:
-            out = self.engine.stream_output(stream.detok, stream.req)
+            out = self.engine.stream_output(stream.detok, stream.req, stream.index)
             if out.text or out.token_ids or out.finished:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
         except Exception:                        # e.g. the caller's event loop has closed: drop that caller

@@ -1,20 +1,103 @@
 """The OpenAI-compatible request and response formats, with PAD's fields beside the standard ones.
 
-`parse` checks a JSON body field by field (errors name the field, OpenAI style) and renders the prompt
-for the base model and one reward prompt per preference; `completion`, `chunk` and `usage` build the
-response objects. Extra fields that OpenAI clients send and PAD ignores are accepted.
+`parse` checks a JSON body field by field (errors name the body field, OpenAI style) and renders the
+prompts through `padengine.prompts`, the same code as the Python API: for the base model, and one reward
+prompt per preference. `/v1/chat/completions` renders the chat with the model's chat template;
+`/v1/completions` is raw text completion as in OpenAI (no chat template; see `padengine/prompts.py`).
+The response objects are built in `openai_format.py`.
+
+Fields are of three kinds:
+- used (read by `parse`; listed in README's Serving section): the OpenAI fields padengine implements, PAD's
+  `preference`, `pad_weight`, `pad_top_k`, `preference_in_base`, `pad_base_logprobs`, and a few vLLM
+  extensions (`min_p`, `repetition_penalty`, `top_k`, `stop_token_ids`, `ignore_eos`);
+- refused (`REFUSED`, `CHAT_REFUSED`, `COMPLETIONS_REFUSED`): fields that would change the output in a way
+  padengine does not do. Sent with anything but their neutral value, they get a 400 naming the field
+  rather than being ignored;
+- anything else is accepted and ignored, since OpenAI clients send fields that change nothing here
+  (`user`, `metadata`, `store`, `service_tier`, `safety_identifier`, `prompt_cache_key`, ...).
 """
-import time
-import uuid
+import re
 from dataclasses import dataclass
 
-from padengine.errors import InvalidInput, require, require_finite, require_int
-from padengine.prompts import base_preference, encode, user_message, with_preference
-from padengine.sampling_params import SamplingParams
+from padengine.errors import InvalidInput, require, require_finite, require_int, require_range
+from padengine.prompts import encode_prompt, preference_pairs, render
+from padengine.sampling_params import MAX_N, MAX_TOP_LOGPROBS, MAX_WEIGHT, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
-ENGINE_FIELDS = {"params.max_tokens": "max_tokens", "params.temperature": "temperature", "params.weight": "pad_weight",
-                 "params.top_k": "pad_top_k", "params.seed": "seed", "num_kv_blocks": "max_tokens"}
+DEFAULT_MAX_PREFERENCES = 8
+
+# SamplingParams / engine field -> body field (the request-dependent ones are in `body_field`)
+ENGINE_FIELDS = {"params.temperature": "temperature", "params.weight": "pad_weight", "params.top_k": "pad_top_k",
+                 "params.seed": "seed", "params.top_p": "top_p", "params.min_p": "min_p",
+                 "params.repetition_penalty": "repetition_penalty", "params.presence_penalty": "presence_penalty",
+                 "params.frequency_penalty": "frequency_penalty", "params.n": "n",
+                 "params.base_logprobs": "pad_base_logprobs", "params.stop_token_ids": "stop_token_ids",
+                 "params.ignore_eos": "ignore_eos", "params.preference_in_base": "preference_in_base",
+                 "num_kv_blocks": "max_tokens"}
+
+
+def _none(value, body) -> bool:
+    return value is None
+
+
+def _empty(value, body) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _false(value, body) -> bool:
+    return value is None or value is False
+
+
+def _one_of(*neutral):
+    return lambda value, body: value is None or any(value == v and type(value) is type(v) for v in neutral)
+
+
+# field -> (is its value neutral?, why it is refused otherwise)
+NO_TOOLS = "tool and function calling are not supported"
+REFUSED = {
+    "tools": (_empty, NO_TOOLS),
+    "tool_choice": (_one_of("none", "auto"), NO_TOOLS),
+    "functions": (_empty, NO_TOOLS),
+    "function_call": (_one_of("none", "auto"), NO_TOOLS),
+    "parallel_tool_calls": (_none, NO_TOOLS),
+    "response_format": (_one_of({"type": "text"}), "only {'type': 'text'} is supported (no JSON mode or schema)"),
+    "logit_bias": (_empty, "is not supported"),
+    "audio": (_none, "audio output is not supported"),
+    "modalities": (_one_of(["text"]), "only ['text'] is supported"),
+    "prediction": (_none, "predicted outputs are not supported"),
+    "web_search_options": (_none, "web search is not supported"),
+    "reasoning_effort": (_none, "is not supported"),
+    "verbosity": (_none, "is not supported"),
+    # vLLM extensions
+    "use_beam_search": (_false, "beam search is not supported"),
+    "min_tokens": (_one_of(0), "is not supported"),
+    "prompt_logprobs": (_none, "prompt log-probabilities are not supported"),
+    "guided_json": (_none, "guided decoding is not supported"),
+    "guided_regex": (_none, "guided decoding is not supported"),
+    "guided_choice": (_none, "guided decoding is not supported"),
+    "guided_grammar": (_none, "guided decoding is not supported"),
+    "structured_outputs": (_none, "guided decoding is not supported"),
+    "include_stop_str_in_output": (_false, "is not supported: stop strings are cut from the text"),
+    "skip_special_tokens": (_one_of(True), "is not supported: special tokens are always left out of the text"),
+    "allowed_token_ids": (_empty, "is not supported"),
+    "bad_words": (_empty, "is not supported"),
+    "logits_processors": (_empty, "is not supported"),
+    "truncate_prompt_tokens": (_none, "is not supported"),
+}
+CHAT_REFUSED = {
+    "chat_template": (_none, "is not supported: the model's own chat template is used"),
+    "chat_template_kwargs": (_empty, "is not supported"),
+    "add_generation_prompt": (_one_of(True), "is not supported: the generation prompt is always added"),
+    "continue_final_message": (_false, "is not supported"),
+    "documents": (_empty, "is not supported"),
+    "echo": (_false, "is not supported"),
+}
+COMPLETIONS_REFUSED = {
+    "echo": (_false, "is not supported"),
+    "suffix": (_one_of(""), "insertion (suffix) is not supported"),
+    "best_of": (lambda value, body: value is None or value == (body.get("n") or 1),
+                "is not supported (best_of must equal n)"),
+}
 
 
 @dataclass
@@ -22,92 +105,109 @@ class ParsedRequest:
     chat: bool
     stream: bool
     include_usage: bool
-    prompt_token_ids: list[int]
-    rewards: list[tuple[list[int], float]] | None   # (prompt ids, weight) per preference; None: plain decoding
-    params: SamplingParams
+    prompt_token_ids: list[list[int]]                   # the base prompt of each prompt (a chat: one)
+    rewards: list[list[tuple[list[int], float]]] | None  # per prompt, (prompt ids, weight) per preference;
+    params: SamplingParams                               # None: plain decoding
     stop: list[str]
+    logprobs: bool = False              # report log-probabilities (chat: logprobs true; completions: an int)
+    max_tokens_field: str = "max_tokens"
+    multi: bool = False                 # completions: `prompt` was a list of prompts
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompt_token_ids) * self.params.n
 
 
-def parse(body, chat: bool, model_name: str, tokenizer, reward_tokenizer, max_model_len: int) -> ParsedRequest:
+def parse(body, chat: bool, model_name: str, tokenizer, reward_tokenizer, max_model_len: int,
+          max_preferences: int = DEFAULT_MAX_PREFERENCES) -> ParsedRequest:
     require(isinstance(body, dict), "body", "must be a JSON object")
     require(body.get("model") == model_name, "model", f"unknown model {body.get('model')!r}; this server serves "
             f"{model_name!r}")
+    for name, (neutral, why) in (REFUSED | (CHAT_REFUSED if chat else COMPLETIONS_REFUSED)).items():
+        require(neutral(body.get(name), body), name, f"{why} (padengine refuses it rather than ignoring it)")
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, None) or {}
-    require(_get(body, "n", int, 1) == 1, "n", "only n = 1 is supported")
-    preferences = _preferences(body.get("preference"), _number(body, "pad_weight", SamplingParams.weight))
+    n = _get(body, "n", int, 1)
+    pad_weight = _number(body, "pad_weight", SamplingParams.weight)
+    require_range(pad_weight, -MAX_WEIGHT, MAX_WEIGHT, "pad_weight")
+    preferences = preference_pairs(body.get("preference"), pad_weight, "preference", max_preferences)
     in_base = _get(body, "preference_in_base", bool, True)
-    base_text = base_preference(preferences, in_base)
-    if chat:
-        messages = _messages(body.get("messages"))
-        base_ids = encode(tokenizer, with_preference(messages, base_text))
-        rewards = [(encode(reward_tokenizer, with_preference(messages, t)), w) for t, w in preferences]
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        require(isinstance(prompt, str) and prompt != "", "prompt", "must be a non-empty string")
-        base_ids = tokenizer.encode(user_message(prompt, base_text))
-        rewards = [(reward_tokenizer.encode(user_message(prompt, t)), w) for t, w in preferences]
-    field = "messages" if chat else "prompt"
-    longest = max([len(base_ids)] + [len(ids) for ids, _ in rewards])
-    require(longest < max_model_len, field, f"the prompt has {longest} tokens; this model takes at most "
-            f"{max_model_len} tokens including the answer")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(max_field)
+    if max_tokens is not None:
+        require_int(max_tokens, max_field)
+        require(max_tokens >= 1, max_field, f"must be at least 1, got {max_tokens}")
+
+    prompts = [_messages(body.get("messages"))] if chat else _completion_prompts(body.get("prompt"))
+    multi = not chat and isinstance(body.get("prompt"), list) and not _is_ids(body.get("prompt"))
+    require(not multi or len(prompts) * n <= MAX_N, "prompt",
+            f"{len(prompts)} prompts x n {n} = {len(prompts) * n} choices; at most {MAX_N} per request")
+    base_ids, rewards = [], []
+    for i, prompt in enumerate(prompts):
+        field_ = "messages" if chat else f"prompt[{i}]" if multi else "prompt"
+        if isinstance(prompt, list) and not chat:       # token ids, used as they are
+            require(not preferences, "preference", "cannot be combined with a token-id prompt: the reward "
+                    "prompt is rendered from text; send the prompt as text")
+            ids, prompt_rewards = list(prompt), []
+        else:
+            ids, prompt_rewards = render(tokenizer, reward_tokenizer, prompt, preferences, in_base, chat_template=chat)
+        _check_length(ids, prompt_rewards, max_tokens, max_model_len, field_,
+                      lambda: encode_prompt(tokenizer, prompt, None, chat) if preferences and in_base else ids)
+        base_ids.append(ids)
+        rewards.append(prompt_rewards)
     if max_tokens is None:
+        longest = max(len(ids) for ids in base_ids + [r for rs in rewards for r, _ in rs])
         max_tokens = min(DEFAULT_MAX_TOKENS, max_model_len - longest)
+
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     require(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop), "stop",
             "must be a string or a list of at most 4 strings")
-    params = SamplingParams(max_tokens=max_tokens, top_k=_get(body, "pad_top_k", int, 10),
-                            weight=0.0, temperature=_number(body, "temperature", 1.0),
-                            seed=_get(body, "seed", int, None), preference_in_base=in_base,
-                            ignore_eos=_get(body, "ignore_eos", bool, False))
-    params.validate("params", len(tokenizer))
-    return ParsedRequest(chat, stream, bool(options.get("include_usage")), base_ids, rewards or None, params, stop)
+    stop_ids = _get(body, "stop_token_ids", list, None)
+    logprobs, top_logprobs = _logprobs(body, chat)
+    base_logprobs = _get(body, "pad_base_logprobs", bool, False)
+    require(logprobs or not base_logprobs, "pad_base_logprobs",
+            "needs logprobs (true for chat completions, an integer for completions)")
+    top_k = _top_k(body)
+    params = SamplingParams(max_tokens=max_tokens, top_k=top_k, weight=0.0,
+                            temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
+                            min_p=_number(body, "min_p", 0.0),
+                            repetition_penalty=_number(body, "repetition_penalty", 1.0),
+                            presence_penalty=_number(body, "presence_penalty", 0.0),
+                            frequency_penalty=_number(body, "frequency_penalty", 0.0),
+                            top_logprobs=top_logprobs, base_logprobs=base_logprobs, n=n,
+                            seed=_get(body, "seed", int, None), stop_token_ids=stop_ids,
+                            ignore_eos=_get(body, "ignore_eos", bool, False), preference_in_base=in_base)
+    req = ParsedRequest(chat, stream, bool(options.get("include_usage")), base_ids,
+                        rewards if any(rewards) else None, params, stop, logprobs, max_field, multi)
+    try:
+        params.validate("params", len(tokenizer))
+    except InvalidInput as e:
+        raise engine_error(e, req, top_k_field="top_k" if body.get("pad_top_k") is None and
+                           body.get("top_k") is not None else "pad_top_k") from None
+    return req
 
 
-def engine_field(err: InvalidInput, chat: bool) -> str:
-    """The request-body field behind an engine validation error."""
-    if err.field.startswith("prompt_token_ids"):
-        return "messages" if chat else "prompt"
-    if err.field.startswith("reward_prompt_token_ids"):
+def engine_error(err: InvalidInput, req: ParsedRequest, top_k_field: str = "pad_top_k") -> InvalidInput:
+    """An engine validation error, renamed to the request-body field behind it (its message kept)."""
+    name, message = body_field(err.field, req, top_k_field), str(err).split(": ", 1)[-1]
+    return err if name == err.field else InvalidInput(name, message)
+
+
+def body_field(name: str, req: ParsedRequest, top_k_field: str = "pad_top_k") -> str:
+    if name.startswith("prompt_token_ids"):
+        if req.chat:
+            return "messages"
+        index = re.match(r"prompt_token_ids\[(\d+)\]", name)
+        return f"prompt[{index.group(1)}]" if req.multi and index else "prompt"
+    if name.startswith("reward_prompt_token_ids"):
         return "preference"
-    return ENGINE_FIELDS.get(err.field, err.field)
+    special = {"params.max_tokens": req.max_tokens_field, "params.top_k": top_k_field,
+               "params.top_logprobs": "top_logprobs" if req.chat else "logprobs"}
+    return special.get(name) or ENGINE_FIELDS.get(name, name)
 
 
-def completion(req: ParsedRequest, model: str, text: str, finish_reason: str, completion_tokens: int) -> dict:
-    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if req.chat else {"text": text})
-    return {"id": new_id(req), "object": "chat.completion" if req.chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage(req, completion_tokens)}
-
-
-def chunk(req: ParsedRequest, rid: str, model: str, text: str | None, finish_reason: str | None,
-          role: bool = False, usage_: dict | None = None) -> dict:
-    if req.chat:
-        delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-    out = {"id": rid, "object": "chat.completion.chunk" if req.chat else "text_completion",
-           "created": int(time.time()), "model": model, "choices": [] if usage_ else [choice]}
-    if usage_:
-        out["usage"] = usage_
-    return out
-
-
-def usage(req: ParsedRequest, completion_tokens: int) -> dict:
-    prompt = len(req.prompt_token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens}
-
-
-def new_id(req: ParsedRequest) -> str:
-    return ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
-
+# ---- field parsing -----------------------------------------------------------------------------------------
 
 def _get(body: dict, name: str, kind, default):
     value = body.get(name)
@@ -128,31 +228,89 @@ def _number(body: dict, name: str, default: float) -> float:
     return float(value)
 
 
+def _top_k(body: dict) -> int:
+    """PAD's `pad_top_k` (default 10), or vLLM's `top_k` (-1 or 0: the whole vocabulary) if only it is given."""
+    if body.get("pad_top_k") is None and body.get("top_k") is not None:
+        top_k = _get(body, "top_k", int, 0)
+        return max(top_k, 0)
+    return _get(body, "pad_top_k", int, 10)
+
+
+def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
+    """(report logprobs?, alternatives per token). Chat: `logprobs` a bool, `top_logprobs` 0-20 (needs
+    logprobs true). Completions: `logprobs` an integer 0-20 (OpenAI allows 5), the alternatives."""
+    if chat:
+        on = _get(body, "logprobs", bool, False)
+        top = _get(body, "top_logprobs", int, 0)
+        require(0 <= top <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+        require(on or top == 0, "top_logprobs", "needs logprobs: true")
+        return on, top
+    value = None if body.get("logprobs") is False else _get(body, "logprobs", int, None)
+    if value is None:
+        return False, 0
+    require(0 <= value <= MAX_TOP_LOGPROBS, "logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+    return True, value
+
+
 def _messages(messages) -> list[dict]:
     require(isinstance(messages, list) and len(messages) > 0, "messages", "must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
-        ok = (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-              and isinstance(m.get("content"), str))
-        require(ok, f"messages[{i}]", "must be {'role': 'system'|'user'|'assistant', 'content': str}")
-        out.append({"role": m["role"], "content": m["content"]})
+        require(isinstance(m, dict), f"messages[{i}]", "must be {'role': 'system'|'user'|'assistant', 'content': str}")
+        require(m.get("role") not in ("tool", "function") and not m.get("tool_calls") and not m.get("function_call"),
+                f"messages[{i}]", NO_TOOLS)
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        require(role in ("system", "user", "assistant"), f"messages[{i}]",
+                "must be {'role': 'system'|'developer'|'user'|'assistant', 'content': str}")
+        out.append({"role": role, "content": _content(m.get("content"), f"messages[{i}]")})
     require(any(m["role"] == "user" for m in out), "messages", "needs at least one user message")
     return out
 
 
-def _preferences(value, weight: float) -> list[tuple[str, float]]:
-    """`preference`: a string (weighted by pad_weight) or a list of {"text": ..., "weight": ...}."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        require(value.strip() != "", "preference", "must not be empty")
-        return [(value, weight)]
-    require(isinstance(value, list) and len(value) > 0, "preference",
-            "must be a string or a non-empty list of {'text': str, 'weight': number}")
-    out = []
-    for i, p in enumerate(value):
-        ok = isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"].strip()
-        require(bool(ok), f"preference[{i}]", "must be {'text': str, 'weight': number}")
-        require_finite(p.get("weight", weight), f"preference[{i}].weight")
-        out.append((p["text"], float(p.get("weight", weight))))
-    return out
+def _content(content, name: str) -> str:
+    """A message's text: a string, or a list of {"type": "text", "text": ...} parts (joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    require(isinstance(content, list), f"{name}.content", "must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        ok = isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        require(ok, f"{name}.content[{j}]", "only {'type': 'text', 'text': str} parts are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _is_ids(value) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def _completion_prompts(prompt) -> list[str | list[int]]:
+    """`prompt` as OpenAI allows it: a string, a list of token ids, or a list of either (one choice each)."""
+    if isinstance(prompt, str):
+        require(prompt != "", "prompt", "must be a non-empty string")
+        return [prompt]
+    if _is_ids(prompt):
+        return [prompt]
+    require(isinstance(prompt, list) and len(prompt) > 0, "prompt",
+            "must be a non-empty string, a list of token ids, or a non-empty list of those")
+    for i, p in enumerate(prompt):
+        require((isinstance(p, str) and p != "") or _is_ids(p), f"prompt[{i}]",
+                "must be a non-empty string or a non-empty list of token ids")
+    return prompt
+
+
+def _check_length(base: list[int], rewards: list[tuple[list[int], float]], max_tokens: int | None,
+                  max_model_len: int, prompt_field: str, bare) -> None:
+    """Every stream's prompt + max_tokens (at least one token when max_tokens is not given) must fit in
+    max_model_len. Blamed on the prompt if it is too long without its preferences (`bare()`: its ids then),
+    else on `preference`."""
+    answer = max_tokens or 1
+    longest = max([len(base)] + [len(ids) for ids, _ in rewards])
+    if longest + answer <= max_model_len:
+        return
+    name = prompt_field if len(bare()) + answer > max_model_len else "preference"
+    what = "the prompt" if name == prompt_field else "the prompt with its preference"
+    asked = f" and {max_tokens} for the answer (max_tokens)" if max_tokens else " and at least one for the answer"
+    raise InvalidInput(name, f"{what} has {longest} tokens{asked}; this model takes at most {max_model_len} "
+                       f"tokens in all")

@@ -19,6 +19,13 @@ class StreamOutput:
     finished: bool = False
     finish_reason: str | None = None    # "stop" | "length" | "abort"
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    # for the new tokens (as token_ids): the chosen token's log-probability under the PAD distribution,
+    # the alternatives (id, log-probability) best first, the base model's own log-probability (empty unless
+    # params.base_logprobs)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    base_logprobs: list[float] = field(default_factory=list)
+    choice: int = 0                     # which of its prompt's params.n choices
 
 
 class IncrementalDetokenizer:
@@ -33,8 +40,8 @@ class IncrementalDetokenizer:
 
     def update(self, req: Request, index: int = 0) -> StreamOutput:
         ids = req.output_ids
-        new_ids = ids[self.seen:]
-        self.seen = len(ids)
+        seen, self.seen = self.seen, len(ids)
+        new = slice(seen, len(ids))
         finished = req.is_finished
         if not self.stopped:
             searched = max(0, len(self.text) - self.hold)
@@ -44,8 +51,9 @@ class IncrementalDetokenizer:
         end = len(self.text) if done else max(self.emitted, len(self.text) - self.hold)
         text, self.emitted = self.text[self.emitted:end], end
         reason = "stop" if self.stopped else req.finish_reason
-        return StreamOutput(index, req.request_id, text, list(new_ids), done, reason if done else None,
-                            req.metrics if done else None)
+        return StreamOutput(index, req.request_id, text, ids[new], done, reason if done else None,
+                            req.metrics if done else None, req.logprobs[new], req.top_logprobs[new],
+                            req.base_logprobs[new], req.choice)
 
     def _delta(self, ids: list[int], flush: bool) -> str:
         decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=True)

@@ -1,0 +1,157 @@
+"""Host work per decode step: what the engine does between device steps, split by phase.
+
+A 2-layer tiny random Llama (base) and a PersRM of the same shape, one reward stream per request, so the
+forward is negligible and what is left is the host: scheduling, laying out the step, upload and readback,
+and bookkeeping (postprocess: appending tokens, stop checks, freeing). Each phase is timed by wrapping
+the engine's own methods; `compute` (the forward) is measured and left out of the host figure. Times
+are the engine thread's CPU time (`time.thread_time`), so other load on a shared machine does not
+inflate the host figures (its wall time would); torch runs on one thread here (the forward is tiny),
+so no worker thread's spinning is counted either.
+
+    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH] [--default-model]
+
+`--before PATH` then runs the same measurement on another checkout (e.g. `git worktree add /tmp/before
+<commit>`) in a subprocess, to report before and after in one run; `--tree PATH` measures only that one.
+`--default-model` adds end-to-end tokens/s of SmolLM2-135M guiding itself (16 prompts, 32 tokens each,
+greedy, float32), synchronous and asynchronous.
+"""
+import os
+import subprocess
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+
+def build_models(root: str) -> tuple[str, str]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    vocab = 512
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {f"t{i}": i for i in range(vocab)}, unk_token="t0")), eos_token="t1")
+    paths = []
+    for name, seed in (("base", 0), ("reward", 1)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+        path = f"{root}/{name}"
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+class Timers:
+    """Wraps methods so that each call adds its wall time to a phase."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        fn = getattr(obj, name, None)
+        if fn is None:
+            return
+
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[phase] = self.total.get(phase, 0.0) + time.thread_time() - start
+        setattr(obj, name, timed)
+
+
+def measure(base: str, reward: str, batch: int, steps: int, **engine_kwargs) -> dict:
+    from padengine import Engine, SamplingParams
+    engine = Engine(base, reward, block_size=16, max_num_seqs=max(batch, 1), kernels="torch", **engine_kwargs)
+    params = SamplingParams(max_tokens=steps + 64, top_k=10, weight=1.0, ignore_eos=True)
+    engine.add_requests(prompt_token_ids=[[5 + i % 400, 7, 9, 11] for i in range(batch)], params=params)
+    while any(r.is_prefilling or not r.output_ids for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()           # until every request decodes
+    for _ in range(3):
+        engine.step()
+    timers = Timers()
+    for name, phase in (("schedule", "schedule"), ("postprocess", "bookkeeping")):
+        timers.wrap(engine.scheduler, name, phase)
+    for name, phase in (("layout", "layout"), ("upload", "upload/readback"), ("collect", "upload/readback"),
+                        ("compute", "compute")):
+        timers.wrap(engine.runner, name, phase)
+    start = time.thread_time()
+    for _ in range(steps):
+        engine.step()
+    wall = time.thread_time() - start
+    per = {k: v / steps * 1e3 for k, v in timers.total.items()}
+    host = wall / steps * 1e3 - per.get("compute", 0.0)
+    named = sum(v for k, v in per.items() if k != "compute")
+    per["other"] = host - named
+    return dict(batch=batch, host_ms=host, compute_ms=per.pop("compute", 0.0), **per)
+
+
+def end_to_end(num_prompts: int = 16, max_tokens: int = 32) -> None:
+    from padengine import Engine, SamplingParams
+    from padengine.default_model import default_model_path
+    path = default_model_path()
+    prompts = [f"Give me {i + 2} tips for a good night's sleep." for i in range(num_prompts)]
+    params = SamplingParams(max_tokens=max_tokens, weight=1.0, ignore_eos=True)
+    for mode in (False, True):
+        engine = Engine(path, path, kernels="torch", async_scheduling=mode)
+        engine.generate(prompts[:2], SamplingParams(max_tokens=4), preferences="Be concise.")     # warm up
+        start = time.perf_counter()
+        outs = engine.generate(prompts, params, preferences="Be concise.")
+        wall = time.perf_counter() - start
+        print(f"default model, async {str(mode):5s}: {sum(len(o.token_ids) for o in outs) / wall:.1f} tokens/s "
+              f"({num_prompts} prompts x {max_tokens} tokens, {wall:.1f} s)", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tree", help="measure the padengine of this checkout instead")
+    ap.add_argument("--async-scheduling", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--before", help="then measure the padengine of this checkout too, in a subprocess")
+    ap.add_argument("--default-model", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.tree:
+        sys.path.insert(0, args.tree)
+    import logging
+    logging.disable(logging.WARNING)
+    import torch
+    torch.set_num_threads(1)
+    import padengine
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        base, reward = build_models(root)
+        for batch in args.batches:
+            for mode in modes:
+                kwargs = {"async_scheduling": mode} if args.tree is None or mode else {}
+                try:
+                    row = measure(base, reward, batch, args.steps, **kwargs)
+                except TypeError:           # a checkout without async scheduling
+                    if mode:
+                        continue
+                    row = measure(base, reward, batch, args.steps)
+                row["async"] = mode
+                rows.append(row)
+                split = "  ".join(f"{k} {row[k]:.3f}" for k in ("schedule", "layout", "upload/readback",
+                                                                 "bookkeeping", "other") if k in row)
+                print(f"batch {batch:4d} async {str(mode):5s} host {row['host_ms']:.3f} ms/step "
+                      f"(compute {row['compute_ms']:.3f})  {split}", flush=True)
+    print(f"padengine from {padengine.__file__}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.default_model:
+        end_to_end()
+    if args.before:
+        cmd = [sys.executable, os.path.abspath(__file__), "--tree", args.before, "--steps", str(args.steps),
+               "--batches", *map(str, args.batches)]
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+// What the CPU kernels share: float32 views of the three cache/activation dtypes, an exp that the compiler
+// vectorizes, explicit-vector dot product and row accumulation, and a parallel loop that hands out work
+// items one at a time.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace padengine {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }     // round to nearest even
+
+// e^x to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the exponent
+// bits). No branches and no libm call, so loops over it vectorize; inputs are clamped to [-87, 88], so
+// exp(-inf) comes out as 1.6e-38, not 0: callers that need an exact 0 select it.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+typedef float v16 __attribute__((vector_size(64)));    // GCC/Clang vectors: one zmm, or two ymm, or four xmm
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  v16 acc = {};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    v16 x, y;
+    std::memcpy(&x, a + d, sizeof(x));
+    std::memcpy(&y, b + d, sizeof(y));
+    acc += x * y;
+  }
+  // a shuffle tree: a loop's simd reduction sums the 16 lanes one after another
+  acc += __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  acc += __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  acc += __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  acc += __builtin_shufflevector(acc, acc, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  float sum = acc[0];
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// acc[0:D] += sum_c p[c] * rows[c * stride : c * stride + D], the accumulators held in registers over the
+// run (64 columns at a time), where a loop over acc per key would load and store them for every key
+inline void accumulate(float* acc, const float* p, int64_t n, const float* rows, int64_t stride, int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    v16 a[4];
+    std::memcpy(a, acc + d0, sizeof(a));
+    for (int64_t c = 0; c < n; ++c) {
+      if (p[c] == 0.f) continue;
+      v16 x[4];
+      std::memcpy(x, rows + c * stride + d0, sizeof(x));
+      const v16 pc = v16{} + p[c];
+      a[0] += pc * x[0], a[1] += pc * x[1], a[2] += pc * x[2], a[3] += pc * x[3];
+    }
+    std::memcpy(acc + d0, a, sizeof(a));
+  }
+  for (; d0 + 16 <= D; d0 += 16) {
+    v16 a;
+    std::memcpy(&a, acc + d0, sizeof(a));
+    for (int64_t c = 0; c < n; ++c) {
+      v16 x;
+      std::memcpy(&x, rows + c * stride + d0, sizeof(x));
+      a += (v16{} + p[c]) * x;
+    }
+    std::memcpy(acc + d0, &a, sizeof(a));
+  }
+  for (; d0 < D; ++d0)
+    for (int64_t c = 0; c < n; ++c) acc[d0] += p[c] * rows[c * stride + d0];
+}
+
+// f(i) for every i in [0, n), the items taken one at a time by the intra-op threads: items of unequal
+// cost (ragged contexts, prefill tiles beside decode rows) would leave threads idle under a static split.
+template <typename F>
+void parallel_items(int64_t n, const F& f) {
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) f(i);
+  });
+}
+
+// f(T{}) for T the C++ type of a float32 / bfloat16 / float16 tensor (no float64: nothing here runs in it).
+template <typename F>
+void dispatch_float(at::ScalarType type, const char* what, const F& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "padengine CPU kernels: ", what, " must be float32, bfloat16 or float16, got ", type);
+  }
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "padengine CPU kernels: ", name, " is on ", t.device(), ", not the CPU");
+}
+
+}  // namespace padengine

@@ -1,0 +1,59 @@
+"""The C++ CPU kernels (`torch.ops.padengine.*`, built by `csrc.load`) behind the torch references'
+signatures: the "cpp" op set of `padengine.kernels`. Each function adapts the engine's arguments (an
+AttnBatch, an optional residual, a Sample) and leaves the work to one op.
+
+Its `linear` is not ours: oneDNN's matmul on a weight reordered once into oneDNN's blocked layout (what
+inductor's frozen CPU linear runs), measured 1.2-7x faster than torch's default for a decode step's
+row counts here (benchmarks/cpu_kernels.py), and kept per weight until the weight changes.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from padengine.layers.attention import AttnBatch
+from padengine.layers.sampler import Sample
+
+_ops = torch.ops.padengine
+_packed = WeakIdKeyDictionary()         # weight -> (its version when packed, the packed weight)
+_PACKABLE = {torch.float32, torch.bfloat16}     # oneDNN's float16 path needs AVX-512 FP16
+
+
+def linear(x, weight, bias=None):
+    """As F.linear."""
+    if weight.dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
+        return F.linear(x, weight, bias)
+    entry = _packed.get(weight)
+    if entry is None or entry[0] != weight._version:
+        entry = _packed[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+
+
+def paged_attention(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    """As `padengine.layers.attention.paged_attention`: decoding and prefilling sequences in one call,
+    K/V read from the pool through the block tables."""
+    return _ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.query_lens,
+                                batch.window, scale)
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+    _ops.write_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """As `padengine.layers.norm.rms_norm`: (normed, residual), the residual add fused."""
+    if residual is None:
+        return _ops.rms_norm(x, weight, eps), x
+    return tuple(_ops.add_rms_norm(x, residual, weight, eps))
+
+
+def apply_rotary(positions, q, k, cos, sin):
+    """As `padengine.layers.rotary.apply_rotary`, but in place (q and k come back rotated)."""
+    _ops.rotary_(q, k, positions, cos, sin)
+    return q, k
+
+
+def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, top_p=None, min_p=None,
+               max_k=None, num_top=0) -> Sample:
+    """As `padengine.layers.sampler.pad_sample` (alternatives come back in order, -inf where fewer survive)."""
+    return Sample(*_ops.pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, position, top_p,
+                                   min_p, max_k, num_top))
