@@ -96,7 +96,7 @@ def end_to_end(num_prompts: int = 16, max_tokens: int = 32) -> None:
     prompts = [f"Give me {i + 2} tips for a good night's sleep." for i in range(num_prompts)]
     params = SamplingParams(max_tokens=max_tokens, weight=1.0, ignore_eos=True)
     for mode in (False, True):
-        engine = Engine(path, path, kernels="torch", async_scheduling=mode)
+        engine = Engine(path, path, async_scheduling=mode)
         engine.generate(prompts[:2], SamplingParams(max_tokens=4), preferences="Be concise.")     # warm up
         start = time.perf_counter()
         outs = engine.generate(prompts, params, preferences="Be concise.")
