@@ -95,14 +95,17 @@ def end_to_end(num_prompts: int = 16, max_tokens: int = 32) -> None:
     path = default_model_path()
     prompts = [f"Give me {i + 2} tips for a good night's sleep." for i in range(num_prompts)]
     params = SamplingParams(max_tokens=max_tokens, weight=1.0, ignore_eos=True)
+    tokens = {}
     for mode in (False, True):
         engine = Engine(path, path, async_scheduling=mode)
         engine.generate(prompts[:2], SamplingParams(max_tokens=4), preferences="Be concise.")     # warm up
         start = time.perf_counter()
         outs = engine.generate(prompts, params, preferences="Be concise.")
         wall = time.perf_counter() - start
+        tokens[mode] = [o.token_ids for o in outs]
         print(f"default model, async {str(mode):5s}: {sum(len(o.token_ids) for o in outs) / wall:.1f} tokens/s "
               f"({num_prompts} prompts x {max_tokens} tokens, {wall:.1f} s)", flush=True)
+    print(f"identical outputs: {sum(a == b for a, b in zip(tokens[False], tokens[True]))}/{num_prompts}")
 
 
 def main(argv=None) -> None:
