@@ -48,3 +48,12 @@ def test_prefill_stall_smoke(llama, tmp_path):
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["chunked"]["max_num_batched_tokens"] == 16 and result["whole"]["max_gap_ms"] > 0
     assert "| chunked | 16 |" in stdout
+
+
+def test_host_overhead_smoke(tmp_path):
+    stdout = run(["benchmarks/host_overhead.py", "--batches", "1", "3", "--steps", "3", "--json",
+                  str(tmp_path / "h.json")], tmp_path)
+    rows = json.loads((tmp_path / "h.json").read_text())
+    assert [(r["batch"], r["async"]) for r in rows] == [(1, False), (1, True), (3, False), (3, True)]
+    assert all(r["host_ms"] > 0 and r["schedule"] > 0 and r["layout"] > 0 for r in rows)
+    assert "batch    3 async True" in stdout
