@@ -94,3 +94,15 @@ def test_graph_steps_base_alone_with_sliding_window(mistral, tokenizer):
     counts = spy_graphs(engine)
     assert generate(engine, base, None, params) == reference(mistral, None, base, base, params)
     assert counts["graph"] > 0 and all(rewards == 0 for _, rewards, *_ in engine.runner.graphs.graphs)
+
+
+def test_which_rows_a_graph_holds():
+    from padengine.engine.cuda_graphs import graphable
+    vocab = 1000
+    assert graphable(SamplingParams(top_k=10, top_p=0.5, top_logprobs=3), vocab)
+    assert graphable(SamplingParams(top_k=0), vocab)
+    assert not graphable(SamplingParams(top_k=0, top_p=0.5), vocab)          # left to the torch fallback
+    assert not graphable(SamplingParams(top_k=0, top_logprobs=2), vocab)
+    assert not graphable(SamplingParams(top_k=300), vocab)
+    for k in (10, 0):                                                         # occurrence lists vary in size
+        assert not graphable(SamplingParams(top_k=k, frequency_penalty=0.5), vocab)

@@ -126,14 +126,14 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         """Make room for the last token's KV; hash the block that the previous step filled."""
-        bs, n = self.block_size, len(seq.token_ids) - 1      # n tokens are already in the cache
+        bs, n = self.block_size, len(seq) - 1      # n tokens are already in the cache
         if n % bs == 0 and n > 0:
             i = n // bs - 1                         # the block the previous step filled
             prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else b""
             if prev is not None:                    # a block whose prefix has no hash gets none either
                 tokens = seq.token_ids[n - bs:n]
                 self._register(self.blocks[seq.block_table[i]], chain_hash(prev, tokens), tokens)
-        if n >= len(seq.block_table) * bs:                   # needs_block, inlined on the hot path
+        if self.needs_block(seq):
             seq.block_table.append(self._take().id)
 
     def _take(self) -> Block:

@@ -102,9 +102,8 @@ def graphable(params: SamplingParams, vocab: int) -> bool:
     without top-p/min-p filters or alternatives, which the fused sampler leaves to torch), and no
     penalties (their occurrence lists change size every step)."""
     k = params.num_candidates(vocab)
-    if k == vocab:
-        return not (params.filters or params.top_logprobs)
-    return k <= MAX_FUSED_TOP_K and not params.penalized
+    fused = not (params.filters or params.top_logprobs) if k == vocab else k <= MAX_FUSED_TOP_K
+    return fused and not params.penalized
 
 
 def _pow2_ceil(n: int) -> int:

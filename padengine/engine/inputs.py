@@ -108,9 +108,11 @@ class InputProcessor:
                 seed = hash((params.seed, j)) & 0xFFFFFFFFFFFF if j else params.seed
             stop = set(params.stop_token_ids or []) | (set() if params.ignore_eos else self.eos_ids)
             streams = [Sequence(base_ids, 0)] + [Sequence(ids, self.reward_pool) for ids, _ in rewards]
-            req = Request(rid, params, seed, stop, streams, [w for _, w in rewards], choice=j, group=group)
+            req = Request(rid, params, seed, stop, streams, [w for _, w in rewards], choice=j)
             req.metrics.num_prompt_tokens = len(base_ids)
             group.append(req)
+        for req in group:
+            req.group = group
         return group
 
 

@@ -29,8 +29,12 @@ class SamplingCache:
     def __init__(self):
         self.key, self.value = None, None
 
-    def get(self, key) -> SamplingFields | None:
-        return self.value if key == self.key else None
+    def get(self, key, build) -> SamplingFields:
+        """The fields for `key` (the batch's requests and shape): the last ones if it is unchanged, else
+        `build()`'s, kept for the next step."""
+        if key != self.key:
+            self.key, self.value = key, build()
+        return self.value
 
 
 def sampling_fields(reqs: list[Request], owners: list[tuple], rows: int, num_rewards: int,
@@ -71,7 +75,6 @@ def penalty_fields(fields, reqs: list[Request], rows: int, feed: bool) -> None:
     fields.add("generated_rows", out_rows)
     fields.add("generated_tokens", out_tokens)
     if feed:
-        pending = {i: r.pending_row for i, r in enumerate(reqs)}
-        fields.add("generated_feed", [pending[i] if t == PENDING else -1 for i, t in zip(out_rows, out_tokens)])
+        fields.add("generated_feed", [reqs[i].pending_row if t == PENDING else -1 for i, t in zip(out_rows, out_tokens)])
     fields.add("prompt_rows", prompt_rows)
     fields.add("prompt_tokens", prompt_tokens)

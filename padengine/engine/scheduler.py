@@ -64,8 +64,8 @@ class Scheduler:
         kept, decode, pools = [], [], self.pools
         while self.running:         # the hot loop: one pass per running request, no per-token work
             req = self.running.popleft()
-            streams, base = req.streams, req.base
-            if (len(base.token_ids) - base.num_prompt_tokens >= req.params.max_tokens
+            streams = req.streams
+            if (req.num_drawn >= req.params.max_tokens
                     or any(s.num_computed_tokens < len(s.token_ids) - 1 for s in streams)):
                 kept.append(req)    # its pending token is its last, or its chunked prefill goes on
                 continue
@@ -129,7 +129,7 @@ class Scheduler:
         """Waiting requests, first come first served, while sequences, tokens and blocks last."""
         prefill = []
         while self.waiting and budget > 0 and not self.waiting[0].num_pending:
-            group = [r for r in self.waiting[0].group or [self.waiting[0]] if r.status == Status.WAITING]
+            group = [r for r in self.waiting[0].group if r.status == Status.WAITING]
             if len(self.running) + len(group) > self.max_num_seqs or not self._can_allocate(group):
                 break
             for req in group:       # a group is admitted whole: its later choices hit the first's blocks
@@ -169,7 +169,7 @@ class Scheduler:
     def preempt(self, req: Request, scheduled: list[Request] | None = None) -> None:
         """Free req's blocks and put it back at the front of the queue, with the running requests of its
         group (taken out of `scheduled` too, this step's decode list so far), which resume together."""
-        group = [r for r in req.group or [req] if r.status == Status.RUNNING]
+        group = [r for r in req.group if r.status == Status.RUNNING]
         for r in reversed(group):
             logger.debug("preempting request %d after %d tokens", r.request_id, len(r.output_ids))
             for queue in (self.running, scheduled or []):

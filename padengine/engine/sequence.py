@@ -86,7 +86,7 @@ class Request:
     streams: list[Sequence]              # base first, then one reward stream per weighted preference
     weights: list[float]                 # the PAD weight of each reward stream
     choice: int = 0                      # index in its group (the params.n choices of one prompt)
-    group: list["Request"] = field(default_factory=list)   # the prompt's choices in order (itself included)
+    group: list["Request"] = field(default_factory=list)   # the prompt's choices in order (default: itself)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -124,10 +124,18 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    def __post_init__(self):
+        self.group = self.group or [self]
+
+    @property
+    def num_drawn(self) -> int:
+        """Tokens generated so far, PENDING ones included: the position of the next draw."""
+        return len(self.base.token_ids) - self.base.num_prompt_tokens
+
     @property
     def num_pending(self) -> int:
         """Tokens drawn by launched steps whose results have not been read (PENDING in the streams)."""
-        return len(self.base) - self.base.num_prompt_tokens - len(self.output_ids)
+        return self.num_drawn - len(self.output_ids)
 
     def reserve(self, row: int) -> None:
         """A launched step draws this request's next token at sampler row `row`: every stream gets a

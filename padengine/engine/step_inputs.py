@@ -160,15 +160,11 @@ def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int 
         extra = [s for s in chunks if s.pool == pool]
         models.append(_layout_model(fields, m, streams, extra, prefilling, block_size, sink, width, rows_of)
                       if streams or extra else None)
-    key = (tuple(map(id, reqs)), rows, num_rewards, vocab)
-    static = cache.get(key) if cache is not None else None
-    if static is None:
-        static = sampling_fields(reqs, owners, rows, num_rewards, vocab)
-        if cache is not None:
-            cache.key, cache.value = key, static
+    build = lambda: sampling_fields(reqs, owners, rows, num_rewards, vocab)
+    static = build() if cache is None else cache.get((tuple(map(id, reqs)), rows, num_rewards, vocab), build)
     for name, values, floating in static.values:
         fields.add(name, values, floating=floating)
-    fields.add("position", [len(r.base.token_ids) - r.base.num_prompt_tokens for r in reqs] + [0] * (rows - len(reqs)))
+    fields.add("position", [r.num_drawn for r in reqs] + [0] * (rows - len(reqs)))
     if static.penalized:
         penalty_fields(fields, reqs, rows, feed)
     return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, static.max_k,
