@@ -9,8 +9,16 @@ padded batch), and the weight-read floor (both models' weight bytes / copy bandw
 
     PYTHONPATH=. python benchmarks/gpu_bench.py --json out.json
     PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --shapes tiny --skip-kernels   # a smoke run
+
+`--tensor-parallel-size N` (and `--reward-device`) add a column: the engine with each model split over N
+devices (the PersRM on its own device with --reward-device), eagerly (no CUDA graphs with several
+processes), beside the one-device eager column. The other ranks' processes load weights from files, so
+these runs write the random weights to the temporary folder first (disk for both models in bf16).
+    PYTHONPATH=. python benchmarks/gpu_bench.py --shapes llama-3-8b --tensor-parallel-size 2 --skip-kernels
+    PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --shapes tiny --skip-kernels --tensor-parallel-size 2
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -101,24 +109,35 @@ class _Tokenizer:
         return ""
 
 
-def random_model(path, cfg, max_len, dtype, device, field, ops=None):
+def random_model(path, cfg, max_len, dtype, device, field, ops=None, tp=None):
     """`load_model` with random weights (the model still gets the engine's op set)."""
     with torch.device("meta"):
-        model = CausalLM(cfg, max_len, ops)
+        model = CausalLM(cfg, max_len, ops, tp)
     model.materialize(device, dtype)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     return model.eval()
 
 
-def engine_for(folder, reward: bool, device, kernels, batch, graphs=None) -> Engine:
-    with mock.patch("padengine.engine.model_runner.load_model", random_model), \
-            mock.patch("padengine.engine.llm_engine.load_tokenizer", lambda *a: _Tokenizer()), \
-            mock.patch("padengine.engine.llm_engine.eos_token_ids", lambda *a: set()):
+def engine_for(folder, reward: bool, device, kernels, batch, graphs=None, **layout) -> Engine:
+    """`layout`: tensor_parallel_size / reward_device; with several processes the weights come from the
+    folder's files (written by `save_random`), since mock patches do not reach the workers."""
+    with contextlib.ExitStack() as patches:
+        if not layout:
+            patches.enter_context(mock.patch("padengine.engine.model_runner.load_model", random_model))
+        patches.enter_context(mock.patch("padengine.engine.llm_engine.load_tokenizer", lambda *a: _Tokenizer()))
+        patches.enter_context(mock.patch("padengine.engine.llm_engine.eos_token_ids", lambda *a: set()))
         reward_folder = os.path.join(folder, "reward") if reward else None
         return Engine(os.path.join(folder, "base"), reward_folder, device=device, dtype="bfloat16",
                       max_model_len=PROMPT_LEN + 160, max_num_seqs=max(batch, 1), kernels=kernels,
-                      cuda_graphs=graphs)
+                      cuda_graphs=graphs, **layout)
+
+
+def save_random(folder, hf_config) -> None:
+    """Random bf16 weights as a checkpoint in `folder` (for worker processes, which load files)."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM._from_config(hf_config, dtype=torch.bfloat16).save_pretrained(folder)
 
 
 def model_bytes(hf_config) -> int:
@@ -139,9 +158,10 @@ def ms_per_step(engine, prompts, max_tokens) -> float:
     return sum(o.metrics.time_per_output_token for o in outs) / len(outs) * 1e3
 
 
-def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, graphs=None) -> float:
-    engine = engine_for(folder, reward, device, kernels, batch, graphs)
+def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, graphs=None, **layout) -> float:
+    engine = engine_for(folder, reward, device, kernels, batch, graphs, **layout)
     ms = ms_per_step(engine, prompts, max_tokens)
+    engine.close()
     del engine
     gc.collect()
     if device == "cuda":
@@ -171,24 +191,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches):
-    """Yields one table row per batch size as soon as it is measured."""
+def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches, layout):
+    """Yields one table row per batch size as soon as it is measured. `layout` (tensor_parallel_size,
+    reward_device) adds the `tp_ms` column."""
     from transformers import LlamaConfig
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     with tempfile.TemporaryDirectory() as folder:
         for role in ("base", "reward"):
             cfg.save_pretrained(os.path.join(folder, role))
+            if layout:
+                save_random(os.path.join(folder, role), cfg)
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist() for _ in range(batch)]
             pad_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens)
             eager_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, graphs=False)
             base_ms = engine_ms(folder, False, device, kernels, batch, prompts, max_tokens)
+            tp_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, **layout) if layout else None
             hf_ms = hf_ms_per_step(cfg, device, prompts, max_tokens)
             gc.collect()
             floor = 2 * model_bytes(cfg) / bandwidth * 1e3       # base and reward
             yield dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
-                       eager_ms=eager_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3,
+                       eager_ms=eager_ms, tp_ms=tp_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3,
                        floor_ms=floor, vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
 
 
@@ -200,7 +224,13 @@ def main():
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "flash"])
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--json", help="write all numbers here")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="adds a column: each model over N devices")
+    p.add_argument("--reward-device", help="with it, the PersRM on this device of its own (e.g. cuda:4)")
     args = p.parse_args()
+    layout = {}
+    if args.tensor_parallel_size > 1 or args.reward_device:
+        layout = dict(tensor_parallel_size=args.tensor_parallel_size, reward_device=args.reward_device)
+    tp_name = f"TP {args.tensor_parallel_size}" + (f" + reward on {args.reward_device}" if args.reward_device else "")
     bandwidth = copy_bandwidth(args.device)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "copy_bandwidth_GBps": bandwidth / 1e9, "kernels": [], "end_to_end": []}
@@ -211,15 +241,17 @@ def main():
         for r in result["kernels"]:
             print(f"| {r['kernel']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['torch_ms'] / r['triton_ms']:.1f}x "
                   f"| {r['floor_ms']:.3f} | {r['triton_ms'] / r['floor_ms']:.1f}x |")
+    tp_head = f"| {tp_name} ms/step (eager) | {tp_name} - eager ms " if layout else ""
     print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | without graphs ms/step "
-          "| base alone ms/step | transformers ms/step | transformers tok/s | floor ms | engine / floor "
+          f"{tp_head}| base alone ms/step | transformers ms/step | transformers tok/s | floor ms | engine / floor "
           "| engine vs transformers |")
-    print("|---" * 11 + "|", flush=True)
+    print("|---" * (13 if layout else 11) + "|", flush=True)
     for shape in args.shapes:
-        for r in end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels, BATCHES[shape]):
+        for r in end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels, BATCHES[shape], layout):
             result["end_to_end"].append(r)
+            tp_cells = f"| {r['tp_ms']:.2f} | {r['tp_ms'] - r['eager_ms']:+.2f} " if layout else ""
             print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} "
-                  f"| {r['eager_ms']:.2f} | {r['base_alone_ms']:.2f} | {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
+                  f"| {r['eager_ms']:.2f} {tp_cells}| {r['base_alone_ms']:.2f} | {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
                   f"| {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x | {r['vs_hf']:.1f}x |", flush=True)
             if args.json:       # after every row, so a run cut short keeps what it measured
                 with open(args.json, "w") as f:

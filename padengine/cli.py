@@ -22,7 +22,8 @@ def make_engine(args, **kw):
     path = args.model or default_model_path()
     return Engine(path, args.reward or path, device=args.device, dtype=args.dtype, kernels=args.kernels,
                   cuda_graphs=args.cuda_graphs, max_model_len=args.max_model_len,
-                  max_num_batched_tokens=args.max_num_batched_tokens, **kw)
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  tensor_parallel_size=args.tensor_parallel_size, reward_device=args.reward_device, **kw)
 
 
 def sampling(args, **overrides):
@@ -152,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the models' limit)")
         c.add_argument("--max-num-batched-tokens", type=int,
                        help="tokens per step; longer prompts are prefilled in chunks (default: 8192)")
+        c.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="devices (processes) each model is split across; on CUDA from --device's index on")
+        c.add_argument("--reward-device", help="the reward model on a device and process of its own, e.g. cuda:1")
         c.set_defaults(func=func)
         return c
 

@@ -57,3 +57,12 @@ def test_host_overhead_smoke(tmp_path):
     assert [(r["batch"], r["async"]) for r in rows] == [(1, False), (1, True), (3, False), (3, True)]
     assert all(r["host_ms"] > 0 and r["schedule"] > 0 and r["layout"] > 0 for r in rows)
     assert "batch    3 async True" in stdout
+
+
+def test_tp_overhead_smoke(tmp_path):
+    """Three processes (TP 2 plus the PersRM on a rank of its own) decode one process's tokens."""
+    stdout = run(["benchmarks/tp_overhead.py", "--batches", "2", "--steps", "3", "--layouts", "tp1", "tp2+reward",
+                  "--json", str(tmp_path / "tp.json")], tmp_path)
+    rows = json.loads((tmp_path / "tp.json").read_text())
+    assert [r["layout"] for r in rows] == ["tp1", "tp2+reward"] and all(r["same"] for r in rows)
+    assert rows[0]["calls"] == 0 and rows[1]["calls"] > 0 and "| tp2+reward | 2 |" in stdout

@@ -101,4 +101,3 @@ class _Stream:
     def feed(self, tokens: torch.Tensor) -> None:
         self.input = tokens[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.input)], dim=1)
-

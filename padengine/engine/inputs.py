@@ -8,6 +8,7 @@ message under the chat template.
 """
 from itertools import count
 
+from padengine.distributed.placement import Placement
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Request, Sequence
 from padengine.errors import InvalidInput, require, require_range
@@ -17,10 +18,11 @@ from padengine.sampling_params import MAX_WEIGHT, SamplingParams
 
 class InputProcessor:
     def __init__(self, tokenizer, reward_tokenizer, vocab_size: int, max_model_len: int, eos_ids: set[int],
-                 pools: list[BlockManager], reward_pool: int | None, seed: int, max_num_seqs: int):
+                 pools: list[BlockManager], placement: Placement, seed: int, max_num_seqs: int):
         self.tokenizer, self.reward_tokenizer = tokenizer, reward_tokenizer
         self.vocab_size, self.max_model_len, self.eos_ids = vocab_size, max_model_len, eos_ids
-        self.pools, self.reward_pool, self.seed, self.max_num_seqs = pools, reward_pool, seed, max_num_seqs
+        self.pools, self.seed, self.max_num_seqs = pools, seed, max_num_seqs
+        self.reward_pool = placement.reward      # None: no reward model
         self._ids = count()
 
     def make_requests(self, prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids) -> list[Request]:

@@ -27,7 +27,7 @@ class Engine:
         self.runner = ModelRunner(cfg)
         self.tokenizer = load_tokenizer(base_model, "base_model")
         self.reward_tokenizer = self.tokenizer
-        if reward_model is not None and self.runner.reward_pool == 1:
+        if reward_model is not None and self.runner.placement.reward == 1:
             self.reward_tokenizer = load_tokenizer(reward_model, "reward_model")
             require(self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab(), "reward_model",
                     "its tokenizer vocabulary differs from the base model's")
@@ -39,7 +39,7 @@ class Engine:
         # garbage collector from walking it again and again, which stalls steps for milliseconds
         gc.freeze()
         self.inputs = InputProcessor(self.tokenizer, self.reward_tokenizer, self.runner.vocab_size,
-                                     self.max_model_len, self.eos_ids, self.runner.pools, self.runner.reward_pool,
+                                     self.max_model_len, self.eos_ids, self.runner.pools, self.runner.placement,
                                      cfg.seed, cfg.max_num_seqs)
 
     def generate(self, prompts: list[str] | None = None,
@@ -111,6 +111,11 @@ class Engine:
             return []
         batch, pending = launched
         return self.scheduler.postprocess(batch, self.runner.collect(pending))
+
+    def close(self) -> None:
+        """Stop the worker processes of other ranks (tensor_parallel_size > 1 or reward_device); the
+        engine cannot run steps afterwards. Garbage collection and interpreter exit do the same."""
+        self.runner.close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.in_flight is not None

@@ -4,13 +4,24 @@ streams, computes base and reward logits of the last token of each stream, and s
 When base and reward are the same folder the weights are loaded once and both roles share one model
 and one KV pool: a step then runs a single forward over base and reward streams together (and a
 reward prompt equal to the base prompt hits the base stream's prefix-cached blocks).
+
+Where each model lives is the `Placement` (distributed/placement.py). With several ranks, one runner per
+rank holds that rank's shards and KV pool slices; rank 0's (the engine's) also schedules: each step it
+broadcasts the layout to the worker processes (distributed/workers.py) and all ranks run `compute`
+together, meeting in the layers' all-reduces and the distributed sampler (distributed/sampler.py).
 """
+import contextlib
 import logging
 import os
 
 import torch
+import torch.distributed as dist
 
 from padengine.config import CPU_KV_BYTES, DEFAULT_BATCHED_TOKENS, GPU_KV_FRACTION, EngineConfig
+from padengine.distributed.parallel import check_splits, rank_shards
+from padengine.distributed.placement import place
+from padengine.distributed.sampler import split_sample, tp_logprobs
+from padengine.distributed.workers import Workers
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.cuda_graphs import DecodeGraphs
 from padengine.engine.readback import Pending, Readback, TokenResult
@@ -20,7 +31,7 @@ from padengine.engine.sampling_fields import SamplingCache
 from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, StepResult, Uploader, layout_step
 from padengine.errors import require
 from padengine.kernels import get_ops
-from padengine.layers.sampler import Sample, apply_penalties, merge_rewards
+from padengine.layers.sampler import Sample, merge_rewards, penalizer
 from padengine.models import value_head
 from padengine.models.loader import load_config, load_model
 
@@ -28,41 +39,36 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig):
-        self.cfg, self.device = cfg, cfg.torch_device
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        paths = [cfg.base_model]
-        fields = ["base_model"]
+    def __init__(self, cfg: EngineConfig, rank: int = 0):
+        """`rank` 0 is the engine's runner, which starts the other ranks' worker processes."""
+        self.cfg, self.rank = cfg, rank
         model_cfgs = [load_config(cfg.base_model, "base_model")]
-        self.reward_pool = None
+        shared = cfg.reward_model is not None and os.path.realpath(cfg.reward_model) == os.path.realpath(cfg.base_model)
         if cfg.reward_model is not None:
-            if os.path.realpath(cfg.reward_model) == os.path.realpath(cfg.base_model):
-                self.reward_pool = 0
-            else:
-                self.reward_pool = 1
-                paths.append(cfg.reward_model)
-                fields.append("reward_model")
+            if not shared:
                 model_cfgs.append(load_config(cfg.reward_model, "reward_model"))
             require(model_cfgs[-1].vocab_size >= model_cfgs[0].vocab_size, "reward_model",
                     f"its vocabulary ({model_cfgs[-1].vocab_size}) is smaller than the base's "
                     f"({model_cfgs[0].vocab_size})")
+        require(cfg.reward_device is None or (cfg.reward_model is not None and not shared), "reward_device",
+                "places a reward model other than the base model: give one")
+        self.placement = p = place(cfg.base_model, cfg.reward_model, shared, cfg.torch_device,
+                                   cfg.tensor_parallel_size, cfg.reward_torch_device)
+        for m, c in zip(p.models, model_cfgs):
+            check_splits(c, len(m.ranks), model_cfgs[0].vocab_size, m.field)
         limit = min(c.max_position_embeddings for c in model_cfgs)
         self.max_model_len = cfg.max_model_len or limit
         require(self.max_model_len <= limit, "max_model_len",
                 f"{self.max_model_len} exceeds the models' max_position_embeddings ({limit})")
         self.max_batched_tokens = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
         self.vocab_size = model_cfgs[0].vocab_size
-        self.ops = get_ops(cfg.kernels)     # the kernels the models are built on and the sampler
-        self.models = [load_model(p, c, self.max_model_len, cfg.torch_dtype, self.device, f, self.ops)
-                       for p, c, f in zip(paths, model_cfgs, fields)]
-        self.value_head = None
-        if cfg.reward_model is not None:
-            self.value_head = value_head.load(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
-                                              self.device, "reward_model")
-        self.windows = [m.config.sliding_window for m in self.models]
-        self.pools = self._allocate_kv()
-        two_on_cuda = self.device.type == "cuda" and len(self.models) == 2
+        self.device = p.device(rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.workers = Workers(cfg, p.world_size) if rank == 0 and p.world_size > 1 else None
+        with self.workers.guard() if self.workers else contextlib.nullcontext():
+            self._load(model_cfgs)
+        two_on_cuda = self.device.type == "cuda" and all(m is not None for m in self.models) and len(self.models) == 2
         self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
         self.upload = Uploader(self.device)
         self.readback = Readback(self.device)
@@ -73,13 +79,34 @@ class ModelRunner:
         self.sample = self.ops.sample
         self.graphs = DecodeGraphs(self, cfg.max_num_seqs) if cfg.cuda_graphs else None
 
+    def _load(self, model_cfgs) -> None:
+        """This rank's shards of the models it holds (None for the others), its value head and KV pools."""
+        cfg, p = self.cfg, self.placement
+        logger.info("placement: %s", p.describe())
+        self.shards = rank_shards(p, self.rank, self.vocab_size)
+        self.ops = get_ops(cfg.kernels)     # the kernels the models are built on and the sampler
+        self.models = [None if s is None else
+                       load_model(m.path, c, self.max_model_len, cfg.torch_dtype, self.device, m.field, self.ops, s)
+                       for m, c, s in zip(p.models, model_cfgs, self.shards)]
+        self.value_head = None
+        if p.reward is not None and self.models[p.reward] is not None:
+            self.value_head = value_head.load(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
+                                              self.device, "reward_model")
+        self.windows = [c.sliding_window for c in model_cfgs]
+        self.pools = self._allocate_kv()
+
+    def close(self) -> None:
+        """Stop the other ranks' worker processes (a no-op on one rank)."""
+        if self.workers is not None:
+            self.workers.close()
+
     def _activation_bytes(self, elem: int) -> int:
         """About the most one step's activations take: every model (they run at once on two streams)
         over a step's tokens (prefill chunks fill what decoding leaves of max_batched_tokens; allow one
         decode row more per sequence for a step whose decoding alone passes it), at its widest point
         (residual, normed input and the MLP's gate/up and product, or the attention projections)."""
         tokens, total = self.max_batched_tokens + self.cfg.max_num_seqs, 0
-        for m in self.models:
+        for m in filter(None, self.models):
             c = m.config
             attn = 2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
             total += tokens * (2 * c.hidden_size + max(3 * c.intermediate_size, attn)) * elem
@@ -88,8 +115,10 @@ class ModelRunner:
     def _allocate_kv(self) -> list[BlockManager]:
         cfg, bs = self.cfg, self.cfg.block_size
         elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
-        block_bytes = [2 * m.config.num_layers * bs * m.config.num_kv_heads * m.config.head_dim * elem
-                       for m in self.models]
+        kv_heads = [0 if m is None else m.tp.heads(m.config.num_heads, m.config.num_kv_heads)[1]
+                    for m in self.models]
+        block_bytes = [0 if m is None else 2 * m.config.num_layers * bs * h * m.config.head_dim * elem
+                       for m, h in zip(self.models, kv_heads)]
         num_blocks = cfg.num_kv_blocks
         if num_blocks is None:
             budget = cfg.kv_cache_bytes
@@ -104,18 +133,22 @@ class ModelRunner:
                 budget = min(CPU_KV_BYTES, full)
             num_blocks = budget // sum(block_bytes)
             require(num_blocks >= 1, "kv_cache_bytes", f"{budget} bytes hold no block of {sum(block_bytes)} bytes")
-        pools = []
+        if self.placement.world_size > 1:       # every rank's pools have the same blocks: the fewest any fits
+            agreed = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            num_blocks = int(agreed)
         self.sink = num_blocks      # one more block, owned by no sequence: padded graph rows write there
-        for model, nbytes in zip(self.models, block_bytes):
+        for model, heads, nbytes in zip(self.models, kv_heads, block_bytes):
+            if model is None:
+                continue
             c = model.config
             # zeroed, not empty: masked-out padding still enters attention as 0 * V, and 0 * NaN is NaN
-            kv = torch.zeros(2, c.num_layers, num_blocks + 1, bs, c.num_kv_heads, c.head_dim,
+            kv = torch.zeros(2, c.num_layers, num_blocks + 1, bs, heads, c.head_dim,
                              dtype=cfg.torch_dtype, device=self.device)
             for i, layer in enumerate(model.model.layers):
                 layer.self_attn.k_cache, layer.self_attn.v_cache = kv[0, i], kv[1, i]
-            pools.append(BlockManager(num_blocks, bs))
             logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * nbytes / 2**20)
-        return pools
+        return [BlockManager(num_blocks, bs) for _ in self.models]
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> Pending:
@@ -129,7 +162,13 @@ class ModelRunner:
             step = self.layout(batch.decode, batch.prefill)
             ints = self.upload(step.fields.ints, torch.long)
             floats = self.upload(step.fields.floats, torch.float32)
-            result = self.compute(step.inputs(ints, floats, self.windows, static=False))
+            inputs = step.inputs(ints, floats, self.windows, static=False)
+            if self.workers is None:
+                result = self.compute(inputs)
+            else:
+                with self.workers.guard():
+                    self.workers.broadcast(step.header(), ints, floats)
+                    result = self.compute(inputs)
         return self.readback.start(result, len(batch.sampled))
 
     def collect(self, pending: Pending) -> list[TokenResult]:
@@ -137,38 +176,50 @@ class ModelRunner:
         return self.readback.collect(pending)
 
     def layout(self, decode: list[Request], prefill: list[Request], pad_to=None, width=None) -> StepLayout:
-        return layout_step(decode, prefill, self.reward_pool, self.cfg.block_size, self.sink, self.vocab_size,
+        return layout_step(decode, prefill, self.placement, self.cfg.block_size, self.sink, self.vocab_size,
                            pad_to, width, feed=self.sampled_tokens is not None, cache=self.sampling_cache)
 
-    def compute(self, x: StepInputs) -> StepResult:
+    def compute(self, x: StepInputs) -> StepResult | None:
         """The step on the device: forwards, LM heads, penalties, reward merge and sampler. Nothing here
-        waits on the host, so a CUDA graph can capture it for a decode step."""
+        waits on the host, so a CUDA graph can capture it for a decode step. With several ranks every rank
+        runs it (a reward-only rank returns None)."""
         hidden = self._forward_all(x.models)
         if not x.num_rows:         # only chunks of prefills that do not finish in this step
             empty = torch.empty(0, device=self.device)
             return StepResult(Sample(empty.long(), empty, empty.long()[:, None], empty[:, None]), None)
-        raw_logits = base_logits = self.models[0].logits(hidden[0][:x.num_rows])
-        t = x.tensors
+        t, p = x.tensors, self.placement
         penalize = None
         if "repetition" in t:
             generated = self._fed(t["generated_tokens"], t.get("generated_feed"))
-            penalize = _penalizer(t, generated, x.num_rows, self.vocab_size)
-        if penalize:
-            base_logits = penalize(base_logits, slice(0, x.num_rows))
-        reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)
-        if x.num_rewards:
-            pool = self.reward_pool
-            rows = self.models[pool].logits(hidden[pool][x.reward_start:x.reward_start + x.num_rewards],
-                                            self.value_head)
+            start, end = next(filter(None, self.shards)).vocab_range(self.vocab_size)
+            penalize = penalizer(t, generated, x.num_rows, self.vocab_size, slice(start, end))
+        raw_logits = base_logits = rows = None
+        if self.models[0] is not None:
+            raw_logits = base_logits = self.models[0].logits(hidden[0][:x.num_rows])
+            if penalize:
+                base_logits = penalize(base_logits, slice(0, x.num_rows))
+        if x.num_rewards and self.models[p.reward] is not None:
+            rows = self.models[p.reward].logits(hidden[p.reward][x.reward_start:x.reward_start + x.num_rewards],
+                                                self.value_head)
             if penalize:
                 rows = penalize(rows, t["owner"])
-            reward_logits, weight = merge_rewards(base_logits, rows, t["owner"], t["weights"])
-        sample = self.sample(base_logits, reward_logits, t["top_k"], weight, t["temperature"], t["seed"],
-                             t["position"], t.get("top_p"), t.get("min_p"), max_k=x.max_k, num_top=x.num_top)
+        if p.reward_apart or self.shards[0].size > 1:
+            reward_rank = p.models[1].ranks[0] if p.reward_apart else None
+            sample = split_sample(x, base_logits, rows, self.shards[0], self.vocab_size, reward_rank, self.device)
+            if sample is None:      # the reward rank: its part was the exchange
+                return None
+        else:
+            reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)
+            if rows is not None:
+                reward_logits, weight = merge_rewards(base_logits, rows, t["owner"], t["weights"])
+            sample = self.sample(base_logits, reward_logits, t["top_k"], weight, t["temperature"], t["seed"],
+                                 t["position"], t.get("top_p"), t.get("min_p"), max_k=x.max_k, num_top=x.num_top)
         if self.sampled_tokens is not None:
             self.sampled_tokens[:x.num_rows].copy_(sample.tokens)
         base_lp = None
-        if x.base_logprobs:
+        if x.base_logprobs and self.shards[0].size > 1:
+            base_lp = tp_logprobs(raw_logits, sample.tokens, self.vocab_size, self.shards[0])
+        elif x.base_logprobs:
             base_lp = torch.log_softmax(raw_logits.float(), -1).gather(1, sample.tokens[:, None]).squeeze(1)
         return StepResult(sample, base_lp)
 
@@ -177,7 +228,7 @@ class ModelRunner:
         model runs on a side stream, forked from and joined to the main one, so a small reward model
         hides behind a large base."""
         if self.side_stream is None or not all(models):
-            return [self._forward(m, x) if x else None for m, x in enumerate(models)]
+            return [self._forward(m, x) if x and self.models[m] is not None else None for m, x in enumerate(models)]
         main = torch.cuda.current_stream(self.device)
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
@@ -196,17 +247,3 @@ class ModelRunner:
     def _fed(self, ids: torch.Tensor, feed: torch.Tensor | None) -> torch.Tensor:
         """ids with the PENDING ones taken from the previous step's tokens (feed: their rows, else -1)."""
         return ids if feed is None else torch.where(feed >= 0, self.sampled_tokens[feed.clamp(min=0)], ids)
-
-
-def _penalizer(t: dict[str, torch.Tensor], generated: torch.Tensor, rows: int, vocab: int):
-    """`penalize(logits, owners)`: the step's penalties on logits whose rows belong to sampler rows
-    `owners` (a slice or an index tensor; `rows` is the neutral row of padding streams). Occurrence counts
-    are built on the device from the uploaded (row, token) pairs."""
-    counts = torch.zeros(rows + 1, vocab, device=t["repetition"].device)
-    ones = torch.ones(t["generated_rows"].shape[0], device=counts.device)
-    counts.index_put_((t["generated_rows"], generated), ones, accumulate=True)
-    seen = counts > 0
-    seen[t["prompt_rows"], t["prompt_tokens"]] = True
-    return lambda logits, owners: apply_penalties(logits, counts[owners], seen[owners], t["repetition"][owners],
-                                                  t["presence"][owners], t["frequency"][owners])
-

@@ -11,11 +11,12 @@ static inputs; a replay refills them in place from a batch laid out the same way
 their K/V into the pool's sink block (which no sequence owns), read one token of it, and sample with
 weight 0; their results are dropped.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
+from padengine.distributed.placement import Placement
 from padengine.engine.sequence import PENDING, Request, Sequence
 from padengine.layers.attention import AttnBatch
 from padengine.engine.sampling_fields import SamplingCache, penalty_fields, sampling_fields
@@ -119,6 +120,12 @@ class StepLayout:
     num_top: int
     base_logprobs: bool
 
+    def header(self) -> "StepLayout":
+        """The layout without its values (they travel as the two uploaded lists): what other ranks need."""
+        fields = Fields()
+        fields.fields = self.fields.fields
+        return replace(self, fields=fields)
+
     def inputs(self, ints: torch.Tensor, floats: torch.Tensor, windows: list[int | None],
                static: bool) -> StepInputs:
         """The device view, given the two uploaded lists. `static` (a graph's inputs): attention must
@@ -136,7 +143,7 @@ class StepLayout:
                           self.base_logprobs)
 
 
-def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int | None, block_size: int,
+def layout_step(decode: list[Request], prefill: list[Request], placement: Placement, block_size: int,
                 sink: int, vocab: int, pad_to: tuple[int, int] | None = None,
                 width: int | None = None, feed: bool = False, cache: SamplingCache | None = None) -> StepLayout:
     """Lay out a step. The sampler's rows are the decoding requests, then the prefilling ones whose
@@ -150,14 +157,13 @@ def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int 
     owners = [(i, s, w) for i, r in enumerate(reqs) for s, w in zip(r.rewards, r.weights)]
     bases = [r.base for r in reqs] + [None] * (rows - len(reqs))
     rewards = [s for _, s, _ in owners] + [None] * (num_rewards - len(owners))
-    picked = [bases + rewards] if reward_pool == 0 else [bases, rewards] if reward_pool == 1 else [bases]
+    picked = placement.per_model(bases, rewards)
     chunks = [s for r in prefill if not r.samples_this_step for s in r.streams if s.step_end > s.num_computed_tokens]
     prefilling = {id(s) for r in prefill for s in r.streams}
     fields = Fields()
     models = []
     for m, streams in enumerate(picked):
-        pool = 0 if m == 0 else reward_pool
-        extra = [s for s in chunks if s.pool == pool]
+        extra = [s for s in chunks if s.pool == m]
         models.append(_layout_model(fields, m, streams, extra, prefilling, block_size, sink, width, rows_of)
                       if streams or extra else None)
     build = lambda: sampling_fields(reqs, owners, rows, num_rewards, vocab)
@@ -167,7 +173,7 @@ def layout_step(decode: list[Request], prefill: list[Request], reward_pool: int 
     fields.add("position", [r.num_drawn for r in reqs] + [0] * (rows - len(reqs)))
     if static.penalized:
         penalty_fields(fields, reqs, rows, feed)
-    return StepLayout(fields, models, rows, rows if reward_pool == 0 else 0, num_rewards, static.max_k,
+    return StepLayout(fields, models, rows, rows if placement.shared else 0, num_rewards, static.max_k,
                       static.num_top, static.base_logprobs)
 
 

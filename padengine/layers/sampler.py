@@ -44,21 +44,31 @@ def num_candidates(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
 
 
-def pad_scores(base_logits, reward_logits, top_k, weight, max_k=None):
-    """Candidate ids [N, K] (base top-k, K = max_k or else the largest k of the batch) and their PAD
-    scores (-inf past a row's own k)."""
+def candidates(base_logits, top_k, max_k=None):
+    """Candidate ids [N, K] (base top-k, K = max_k or else the largest k of the batch), their base logits
+    (-inf past a row's own k) and that mask `invalid`."""
     vocab = base_logits.shape[-1]
     k = num_candidates(top_k, vocab)
     kmax = min(max_k, vocab) if max_k is not None else int(k.max())    # int(): a host sync
     zb, cand = base_logits.float().topk(kmax, dim=-1)
     invalid = torch.arange(kmax, device=zb.device)[None, :] >= k[:, None]
-    zb = zb.masked_fill(invalid, float("-inf"))
-    if reward_logits is None:
-        return cand, zb
-    zr = reward_logits.float().gather(1, cand).masked_fill(invalid, float("-inf"))
+    return cand, zb.masked_fill(invalid, float("-inf")), invalid
+
+
+def candidate_scores(zb, zr, weight, invalid):
+    """PAD scores of the candidates from their base and reward logits [N, K] (-inf where `invalid`)."""
+    zr = zr.float().masked_fill(invalid, float("-inf"))
     shift = torch.log_softmax(zr, dim=-1) - torch.log_softmax(zb, dim=-1)
     score = zb + weight.float()[:, None] * shift.masked_fill(invalid, 0.0)
-    return cand, score.masked_fill(invalid, float("-inf"))
+    return score.masked_fill(invalid, float("-inf"))
+
+
+def pad_scores(base_logits, reward_logits, top_k, weight, max_k=None):
+    """Candidate ids [N, K] and their PAD scores (-inf past a row's own k)."""
+    cand, zb, invalid = candidates(base_logits, top_k, max_k)
+    if reward_logits is None:
+        return cand, zb
+    return cand, candidate_scores(zb, reward_logits.gather(1, cand), weight, invalid)
 
 
 class Sample(NamedTuple):
@@ -94,6 +104,11 @@ def pad_sample(base_logits, reward_logits, top_k, weight, temperature, seed, pos
     row come back with their log-probabilities. Log-probabilities are those of the filtered
     softmax(score / T), at T = 1 for greedy rows."""
     cand, score = pad_scores(base_logits, reward_logits, top_k, weight, max_k)
+    return choose(cand, score, temperature, seed, position, top_p, min_p, num_top)
+
+
+def choose(cand, score, temperature, seed, position, top_p=None, min_p=None, num_top=0) -> Sample:
+    """`pad_sample` from the candidates [N, K] and their PAD scores on: temperature, filters, the pick."""
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     scaled = score / temp
@@ -119,6 +134,21 @@ def apply_penalties(logits, counts, seen, repetition, presence, frequency):
     z.copy_(torch.where(seen, torch.where(z > 0, z / rep, z * rep), z))
     z -= frequency.float()[:, None] * counts + presence.float()[:, None] * (counts > 0)
     return out
+
+
+def penalizer(t: dict[str, torch.Tensor], generated: torch.Tensor, rows: int, vocab: int, cols: slice):
+    """`penalize(logits, owners)`: the step's penalties on logits whose rows belong to sampler rows
+    `owners` (a slice or an index tensor; `rows` is the neutral row of padding streams). Occurrence counts
+    are built on the device from the uploaded (row, token) pairs; `cols` are the ids the logits hold (a
+    rank's vocabulary slice)."""
+    counts = torch.zeros(rows + 1, vocab, device=t["repetition"].device)
+    ones = torch.ones(t["generated_rows"].shape[0], device=counts.device)
+    counts.index_put_((t["generated_rows"], generated), ones, accumulate=True)
+    seen = counts > 0
+    seen[t["prompt_rows"], t["prompt_tokens"]] = True
+    counts, seen = counts[:, cols], seen[:, cols]
+    return lambda logits, owners: apply_penalties(logits, counts[owners], seen[owners], t["repetition"][owners],
+                                                  t["presence"][owners], t["frequency"][owners])
 
 
 def merge_rewards(base_logits, reward_rows, owner, weights):

@@ -5,12 +5,14 @@ parameter names, except that q/k/v and gate/up are fused into one matmul each (`
 loader where each checkpoint tensor goes). Qwen3 adds an RMSNorm over each query and key head
 (`q_norm`, `k_norm`) before the rotary embedding. The model is built with an op set (`padengine.kernels`):
 every linear layer, norm, the rotary embedding, the activation and the attention call its functions.
+Built with a `Shard` of a tensor-parallel group, each layer holds its rank's part (`distributed/parallel.py`).
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from padengine.distributed.parallel import Shard
 from padengine.kernels import Ops, get_ops
 from padengine.layers.attention import AttnBatch
 from padengine.layers.rotary import RotaryEmbedding
@@ -109,36 +111,15 @@ class HeadRMSNorm(RMSNorm):
         return self.kernel(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps)[0].view(x.shape)
 
 
-class Linear(nn.Linear):
-    """nn.Linear through the op set's `linear(x, weight, bias)` (as F.linear)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, kernel):
-        super().__init__(in_features, out_features, bias=bias)
-        self.kernel = kernel
-
-    def forward(self, x):
-        return self.kernel(x, self.weight, self.bias)
-
-
-class FusedLinear(Linear):
-    """One matmul for several projections that read the same input; `shards` are their output sizes."""
-
-    def __init__(self, in_features: int, shards: list[int], bias: bool, kernel):
-        super().__init__(in_features, sum(shards), bias, kernel)
-        self.shards = shards
-
-    def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
-        start = sum(self.shards[:index])
-        return param.narrow(0, start, self.shards[index])
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ops: Ops):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ops: Ops, tp: Shard):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], cfg.qkv_bias, ops.linear)
-        self.o_proj = Linear(q, cfg.hidden_size, cfg.o_bias, ops.linear)
+        self.head_dim = d = cfg.head_dim
+        self.heads, self.kv_heads, first_q, first_kv = tp.heads(cfg.num_heads, cfg.num_kv_heads)
+        q, kv = self.heads * d, self.kv_heads * d
+        self.qkv_proj = tp.column(cfg.hidden_size, [(first_q * d, q), (first_kv * d, kv), (first_kv * d, kv)],
+                                  cfg.qkv_bias, ops.linear)
+        self.o_proj = tp.row(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, ops.linear)
         self.q_norm = HeadRMSNorm(self.head_dim, cfg.rms_norm_eps, ops.rms_norm) if cfg.qk_norm else None
         self.k_norm = HeadRMSNorm(self.head_dim, cfg.rms_norm_eps, ops.rms_norm) if cfg.qk_norm else None
         self.rope = rope
@@ -160,10 +141,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, tp: Shard):
         super().__init__()
-        self.gate_up_proj = FusedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, cfg.mlp_bias, ops.linear)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ops.linear)
+        part = (tp.rank * cfg.intermediate_size // tp.size, cfg.intermediate_size // tp.size)
+        self.gate_up_proj = tp.column(cfg.hidden_size, [part, part], cfg.mlp_bias, ops.linear)
+        self.down_proj = tp.row(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ops.linear)
         self.act = ops.silu_and_mul     # [T, 2I] (gate, then up) -> silu(gate) * up
 
     def forward(self, x):
@@ -171,10 +153,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ops: Ops):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, ops: Ops, tp: Shard):
         super().__init__()
-        self.self_attn = Attention(cfg, rope, ops)
-        self.mlp = MLP(cfg, ops)
+        self.self_attn = Attention(cfg, rope, ops, tp)
+        self.mlp = MLP(cfg, ops, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
 
@@ -188,11 +170,11 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int, ops: Ops):
+    def __init__(self, cfg: ModelConfig, max_len: int, ops: Ops, tp: Shard):
         super().__init__()
         self.rope = rope = RotaryEmbedding(cfg.head_dim, max_len, cfg.rope_theta, cfg.rope_scaling, ops.rotary)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, ops) for _ in range(cfg.num_layers))
+        self.embed_tokens = tp.embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, ops, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
 
     def forward(self, input_ids, positions, batch):
@@ -203,14 +185,16 @@ class Transformer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Trunk + LM head, on the op set `ops` (default: the torch references)."""
+    """Trunk + LM head, on the op set `ops` (default: the torch references); `tp` (default: the whole
+    model) is this rank's shard of a tensor-parallel group, whose logits cover `tp.vocab_range` only."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, ops: Ops | None = None):
+    def __init__(self, cfg: ModelConfig, max_len: int, ops: Ops | None = None, tp: Shard | None = None):
         super().__init__()
         self.config = cfg
+        self.tp = tp = tp or Shard()
         ops = ops or get_ops("torch")
-        self.model = Transformer(cfg, max_len, ops)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, ops.linear)
+        self.model = Transformer(cfg, max_len, ops, tp)
+        self.lm_head = tp.lm_head(cfg.hidden_size, cfg.vocab_size, ops.linear)
 
     def materialize(self, device, dtype) -> "CausalLM":
         """Allocate (uninitialized) weights of a model built on `meta`, ready for the loader."""

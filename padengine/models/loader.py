@@ -12,9 +12,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from padengine.distributed.parallel import Shard
 from padengine.errors import InvalidInput, require
+from padengine.layers.linear import FusedLinear
 from padengine.models import value_head
-from padengine.models.llama import PACKED, SUPPORTED, CausalLM, FusedLinear, ModelConfig
+from padengine.models.llama import PACKED, SUPPORTED, CausalLM, ModelConfig
 
 
 def load_config(path: str, field: str) -> ModelConfig:
@@ -76,10 +78,12 @@ def read_tensors(file: str, field: str):
         raise InvalidInput(field, f"corrupt or truncated weight file {file!r}: {e}") from e
 
 
-def load_model(path: str, cfg: ModelConfig, max_len: int, dtype, device, field: str, ops=None) -> CausalLM:
-    """`ops`: the op set (padengine.kernels.Ops) the model runs on; default the torch references."""
+def load_model(path: str, cfg: ModelConfig, max_len: int, dtype, device, field: str, ops=None,
+               tp: Shard | None = None) -> CausalLM:
+    """`ops`: the op set (padengine.kernels.Ops) the model runs on; default the torch references. `tp`:
+    this rank's shard of a tensor-parallel group (each split layer `take`s its part of a tensor)."""
     with torch.device("meta"):
-        model = CausalLM(cfg, max_len, ops)
+        model = CausalLM(cfg, max_len, ops, tp)
     model.materialize(device, dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
@@ -88,9 +92,11 @@ def load_model(path: str, cfg: ModelConfig, max_len: int, dtype, device, field: 
             target, shard = _resolve(name)
             if target not in params:
                 continue  # e.g. rotary inv_freq buffers saved by old checkpoints
-            dest = params[target].data
+            dest, owner = params[target].data, _owner(model, target)
+            if hasattr(owner, "take"):
+                tensor = owner.take(target.rsplit(".", 1)[1], tensor, shard)
             if shard is not None:
-                dest = _owner(model, target).shard(dest, shard)
+                dest = owner.shard(dest, shard)
             require(dest.shape == tensor.shape, field,
                     f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
             dest.copy_(tensor)
