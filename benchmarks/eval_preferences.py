@@ -180,8 +180,8 @@ def plot(rows: list[dict], path: str) -> None:
             pts = {0.0: _mean(start, "adherence")}
             for w in sorted({r["weight"] for r in pads if r["preference"] == pref}):
                 pts[w] = _mean([r for r in pads if r["preference"] == pref and r["weight"] == w], "adherence")
-            held = "" if sub and next(r["split"] for r in sub if r["preference"] == pref) in ("train", "other", "pair") \
-                else " (held out)"
+            split = next(r["split"] for r in sub if r["preference"] == pref)
+            held = " (held out)" if split.startswith("held_out") else ""
             line, = ax.plot(list(pts), list(pts.values()), marker="o", label=pref + held, color=f"C{i % 10}",
                             linestyle="--" if held else "-")
             prompt = [r for r in sub if r["kind"] == "prompt" and r["preference"] == pref]

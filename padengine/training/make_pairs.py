@@ -61,8 +61,7 @@ def load_prompts(path: str, limit: int | None = None, max_chars: int | None = No
     for i, row in enumerate(rows):
         if isinstance(row, dict) and row.get("dataset") == "koala":
             continue
-        prompt = row if isinstance(row, str) else row.get("prompt", row.get("instruction")) if isinstance(row, dict) \
-            else None
+        prompt = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else row
         require(isinstance(prompt, str) and prompt.strip() != "", f"prompts[{i}]",
                 "must be a string or an object with a 'prompt' (or 'instruction') string")
         if _normal(prompt) in held or (max_chars and len(prompt) > max_chars):

@@ -1,11 +1,12 @@
 """`padengine train --recipe default` (`make persrm`): a PersRM for the default model, on a 2-core CPU.
 
 Builds pairs with the engine (make_pairs.py) for the preferences `checkers.SPLIT` trains on, over a seeded
-sample of AlpacaEval instructions (never the P-Soups evaluation prompts), then trains stage 1 (DPO, full
-fine-tuning, float32) on a seeded subsample of them into the cache. Sized for a 2-core CPU (AVX2, ~50
-GFLOP/s in float32): generation ~15 min (~150 tokens/s at batch 128), training ~9 s per pair (the
-reference forward, then forward and backward of chosen and rejected through the top 8 layers), ~40 min. Every step is resumable: the pair file
-is reused once written, and training resumes from its checkpoints.
+sample of AlpacaEval instructions (never the P-Soups evaluation prompts), then trains stage 1 (DPO on the
+top `train_layers` layers, float32) on a seeded subsample of them into the cache. Sized for a 2-core CPU
+(AVX2, ~50 GFLOP/s in float32): generation ~16 min (~150 tokens/s at batch 128), training ~10 s per pair
+(the reference forward, then forward and backward of chosen and rejected through the top 8 layers), ~40
+min. Every step is resumable: the pair file is reused once written, and training resumes from its
+checkpoints.
 """
 import json
 import logging
