@@ -2,7 +2,7 @@
 
 ops   each op at batch 16 and 64, context 512 and 2048, SmolLM2-135M (9 q / 3 kv heads) and Llama-3.2-1B
       (32 / 8) shapes: decode attention with its KV write (one layer), the PAD sampler (top-k 10, a reward
-      row each), RMSNorm with the residual add, rotary and the layer's matmuls.
+      row each), RMSNorm with the residual add, rotary, SiLU-and-multiply and the layer's matmuls.
 step  the default model's decode step (forward, LM head, sampler) for 8 requests guiding themselves (16
       rows), at contexts 128 / 1024 / 2048: kernels="torch" vs "cpp", the step's matmuls alone, and the
       attention + KV write + sampler part alone.
@@ -84,9 +84,11 @@ def op_rows(dtype, reps, shapes, batches, contexts):
                        ((heads * dim + 2 * kv_heads * dim, hidden), (hidden, heads * dim), (2 * inter, hidden),
                         (hidden, inter))]
             inputs = [torch.randn(batch, wt.shape[1]).to(dtype) for wt in weights]
+            gate_up = torch.randn(batch, 2 * inter).to(dtype)
             for name, make in (("PAD sampler", lambda o: lambda: o.sample(*args, max_k=10)),
                                ("RMSNorm + residual", lambda o: lambda: o.rms_norm(x, w, 1e-5, res)),
                                ("rotary", lambda o: lambda: o.rotary(positions % 4096, qr, kr, cos, sin)),
+                               ("SiLU and mul", lambda o: lambda: o.silu_and_mul(gate_up)),
                                ("layer matmuls", lambda o: lambda: [o.linear(a, wt) for a, wt in
                                                                     zip(inputs, weights)])):
                 out.append((shape, batch, "-", name, timed({n: make(o) for n, o in sets.items()}, reps, inner=5)))

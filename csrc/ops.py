@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from padengine.layers import activation
 from padengine.layers.attention import AttnBatch
 from padengine.layers.sampler import Sample
 
@@ -44,6 +45,12 @@ def rms_norm(x, weight, eps: float, residual=None):
     if residual is None:
         return _ops.rms_norm(x, weight, eps), x
     return tuple(_ops.add_rms_norm(x, residual, weight, eps))
+
+
+def silu_and_mul(x):
+    """As `padengine.layers.activation.silu_and_mul`; float32 only in C++ (torch's bfloat16 rounding is
+    vectorized, ours is not, and measured 1.3-2.6x slower)."""
+    return _ops.silu_and_mul(x) if x.dtype == torch.float32 else activation.silu_and_mul(x)
 
 
 def apply_rotary(positions, q, k, cos, sin):

@@ -1,6 +1,6 @@
 """The C++ CPU kernels (csrc/) against the torch layers they stand in for, on fresh random inputs: paged
 attention (decode and prefill in one call, GQA ratios 1/3/4, block sizes 1/16/32, windows, ragged and
-long split contexts), the KV write, RMSNorm and rotary; and the build-failure path.
+long split contexts), the KV write, RMSNorm, rotary and SiLU-and-multiply; and the build-failure path.
 
 The kernels are built on first use (once per machine; cached under $PADENGINE_CACHE/kernels).
 """
@@ -14,6 +14,7 @@ import csrc
 from padengine.config import EngineConfig
 from padengine.errors import InvalidInput
 from padengine.kernels import get_ops
+from padengine.layers.activation import silu_and_mul
 from padengine.layers.attention import AttnBatch, paged_attention, write_kv
 from padengine.layers.norm import rms_norm
 from padengine.layers.rotary import RotaryEmbedding, apply_rotary
@@ -80,6 +81,7 @@ def test_paged_attention_long_contexts_and_odd_head_dim(cpp, dtype):
     """One decoding sequence over 3000 tokens (split over context chunks), a 300-token prefill after a
     700-token prefix (many query tiles), head_dim 24 (Qwen3's test shape, no vector width divides it)."""
     check_attention(cpp, dtype, 9, 3, 64, 16, [3000], [1])
+    check_attention(cpp, dtype, 8, 2, 32, 32, [3000, 5], [1, 1], window=500)
     check_attention(cpp, dtype, 8, 2, 24, 16, [3000, 1000], [1, 300], window=500)
 
 
@@ -109,6 +111,19 @@ def test_rms_norm_matches_torch(cpp, dtype):
     plain, same = cpp.rms_norm(x, weight, 1e-5)
     assert same is x
     torch.testing.assert_close(plain, rms_norm(x, weight, 1e-5)[0], atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [1536, 37])
+def test_silu_and_mul_matches_torch(cpp, dtype, inter):
+    """A width no vector divides too, and gates far out in both tails (exp's clamps)."""
+    torch.manual_seed(2)
+    x = (4 * torch.randn(5, 2, 2 * inter)).to(dtype)
+    x[0, 0, :4] = torch.tensor([-120.0, -90.0, 90.0, 120.0]).to(dtype)
+    out = cpp.silu_and_mul(x[:, 1])                 # a strided view, as a slice of a batch would be
+    assert out.shape == (5, inter) and out.dtype == dtype
+    torch.testing.assert_close(out, silu_and_mul(x[:, 1]), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(cpp.silu_and_mul(x[0, 0:1]), silu_and_mul(x[0, 0:1]), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

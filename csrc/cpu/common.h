@@ -45,15 +45,17 @@ inline float fast_exp(float x) {
 }
 
 typedef float v16 __attribute__((vector_size(64)));    // GCC/Clang vectors: one zmm, or two ymm, or four xmm
+// loads and stores through a 4-byte-aligned twin of v16: memcpy into a v16 compiles (under GCC's preference
+// for 256-bit moves) to two ymm stores to the stack and a zmm load back, a store-forwarding stall per load
+typedef float v16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
+inline void store16(float* p, v16 x) { *reinterpret_cast<v16_unaligned*>(p) = x; }
 
 inline float dot(const float* a, const float* b, int64_t n) {
   v16 acc = {};
   int64_t d = 0;
   for (; d + 16 <= n; d += 16) {
-    v16 x, y;
-    std::memcpy(&x, a + d, sizeof(x));
-    std::memcpy(&y, b + d, sizeof(y));
-    acc += x * y;
+    acc += load16(a + d) * load16(b + d);
   }
   // a shuffle tree: a loop's simd reduction sums the 16 lanes one after another
   acc += __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -65,31 +67,77 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// fast_exp over 16 lanes (the same steps; floor as truncation corrected where it rounded up)
+typedef int32_t i16 __attribute__((vector_size(64)));
+inline v16 fast_exp16(v16 x) {
+  const v16 lo = v16{} - 87.0f, hi = v16{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 t = x * 1.44269504088896341f + 0.5f;
+  i16 ni = __builtin_convertvector(t, i16);
+  ni += __builtin_convertvector(ni, v16) > t;        // true is -1: truncation rounded a negative t up
+  const v16 n = __builtin_convertvector(ni, v16);
+  v16 r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * reinterpret_cast<v16>((ni + 127) << 23);
+}
+
+inline float hsum16(v16 x) {
+  x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return x[0] + x[1];
+}
+
+inline float hmax16(v16 x) {
+  auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
+  x = vmax(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  x = vmax(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  x = vmax(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  return std::max(x[0], x[1]);
+}
+
+// {sum of p[c]'s lanes : c < 16}: a transpose-and-add tree, 45 vector operations where 16 separate
+// horizontal sums take about 130; each level halves the vectors and the lanes each one sums
+inline v16 hsum16x16(const v16* p) {
+  v16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 // acc[0:D] += sum_c p[c] * rows[c * stride : c * stride + D], the accumulators held in registers over the
 // run (64 columns at a time), where a loop over acc per key would load and store them for every key
 inline void accumulate(float* acc, const float* p, int64_t n, const float* rows, int64_t stride, int64_t D) {
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) {
-    v16 a[4];
-    std::memcpy(a, acc + d0, sizeof(a));
+    v16 a0 = load16(acc + d0), a1 = load16(acc + d0 + 16), a2 = load16(acc + d0 + 32), a3 = load16(acc + d0 + 48);
     for (int64_t c = 0; c < n; ++c) {
-      if (p[c] == 0.f) continue;
-      v16 x[4];
-      std::memcpy(x, rows + c * stride + d0, sizeof(x));
+      const float* x = rows + c * stride + d0;
       const v16 pc = v16{} + p[c];
-      a[0] += pc * x[0], a[1] += pc * x[1], a[2] += pc * x[2], a[3] += pc * x[3];
+      a0 += pc * load16(x), a1 += pc * load16(x + 16), a2 += pc * load16(x + 32), a3 += pc * load16(x + 48);
     }
-    std::memcpy(acc + d0, a, sizeof(a));
+    store16(acc + d0, a0), store16(acc + d0 + 16, a1), store16(acc + d0 + 32, a2), store16(acc + d0 + 48, a3);
   }
   for (; d0 + 16 <= D; d0 += 16) {
-    v16 a;
-    std::memcpy(&a, acc + d0, sizeof(a));
-    for (int64_t c = 0; c < n; ++c) {
-      v16 x;
-      std::memcpy(&x, rows + c * stride + d0, sizeof(x));
-      a += (v16{} + p[c]) * x;
-    }
-    std::memcpy(acc + d0, &a, sizeof(a));
+    v16 a = load16(acc + d0);
+    for (int64_t c = 0; c < n; ++c) a += (v16{} + p[c]) * load16(rows + c * stride + d0);
+    store16(acc + d0, a);
   }
   for (; d0 < D; ++d0)
     for (int64_t c = 0; c < n; ++c) acc[d0] += p[c] * rows[c * stride + d0];
