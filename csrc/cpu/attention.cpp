@@ -47,7 +47,7 @@ struct Attend {
   float* scratch;   // per split: m, l [rows] then acc [rows][D]
 
   void run(const Item& it) const {
-    if (it.q_count == 1 && L.dim % 16 == 0) return decode(it);
+    if (it.q_count == 1 && L.dim % kLanes == 0) return decode(it);
     const int64_t G = L.group, D = L.dim, per_q = it.heads * G, R = it.q_count * per_q, W = it.heads * D;
     std::vector<float> buf(R * (2 * D + 2 + kRun) + D * kRun + (std::is_same_v<T, float> ? 0 : kRun * W));
     float *qs = buf.data(), *acc = qs + R * D, *m = acc + R * D, *l = m + R, *s = l + R, *kt = s + R * kRun;
@@ -88,16 +88,16 @@ struct Attend {
     finish(it, R, m, l, acc);
   }
 
-  // A decoding sequence over all its KV heads. Keys go 16 at a time: each query row's 16 scores come out
-  // of a transpose-and-add tree as one vector, which the online softmax works on whole. The next run is
+  // A decoding sequence over all its KV heads. Keys go a vector's width at a time: each query row's scores
+  // come out of a transpose-and-add tree as one vector, which the online softmax works on whole. The next run is
   // prefetched a few lines per row of work: a burst of prefetches stalls once the line fill buffers are full.
   void decode(const Item& it) const {
     const int64_t G = L.group, D = L.dim, R = it.heads * G, W = it.heads * D, stride = L.kv_heads * D;
     constexpr bool kFloat = std::is_same_v<T, float>;
     thread_local std::vector<float> buf;
-    buf.assign(2 * R * D + 2 * R + 16 * R + (kFloat ? 0 : 2 * kRun * W), 0.f);
-    float *qs = buf.data(), *acc = qs + R * D, *m = acc + R * D, *l = m + R, *p = l + R, *kf = p + 16 * R;
-    float* vf = kf + kRun * W;
+    buf.assign(2 * R * D + 2 * R + kLanes * R + (kFloat ? 0 : 2 * kRun * W), 0.f);
+    float *qs = buf.data(), *acc = qs + R * D, *m = acc + R * D, *l = m + R, *p = l + R, *k_run = p + kLanes * R;
+    float* v_run = k_run + kRun * W;
     std::vector<int64_t> koff(R);
     for (int64_t r = 0; r < R; ++r) {
       const T* src = q + it.q_begin * L.q_tok + (it.head_begin * G + r) * L.q_head;
@@ -111,11 +111,11 @@ struct Attend {
       n = std::min({kRun, L.block_size - in_block, it.key_end - t0});
       return (table[t0 / L.block_size] * L.block_size + in_block) * stride + it.head_begin * D;
     };
-    const i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vi lane = lane_index();
     int64_t n, next_n = 0;
     for (int64_t t0 = it.key_begin, off = run_at(t0, n); t0 < it.key_end; t0 += n, off = run_at(t0, n)) {
       Prefetch ahead{};
-      const int64_t chunks = (n + 15) / 16;
+      const int64_t chunks = (n + kLanes - 1) / kLanes;
       if (t0 + n < it.key_end) {
         const int64_t next = run_at(t0 + n, next_n);
         const int64_t bytes = ((next_n - 1) * stride + W) * static_cast<int64_t>(sizeof(T));
@@ -123,34 +123,34 @@ struct Attend {
                  (bytes / 64 + 2 * R * chunks) / (2 * R * chunks)};
       }
       int64_t at;
-      const float* kr = as_float(k + off, n, stride, W, kf, at);
-      const float* vr = as_float(v + off, n, stride, W, vf, at);
-      for (int64_t c0 = 0; c0 < n; c0 += 16) {
-        const int live = static_cast<int>(std::min<int64_t>(16, n - c0));
+      const float* kr = as_float(k + off, n, stride, W, k_run, at);
+      const float* vr = as_float(v + off, n, stride, W, v_run, at);
+      for (int64_t c0 = 0; c0 < n; c0 += kLanes) {
+        const int live = static_cast<int>(std::min<int64_t>(kLanes, n - c0));
         for (int64_t r = 0; r < R; ++r) {
           ahead.step();
           const float* qr = qs + r * D;
           const float* kc = kr + c0 * at + koff[r];
-          v16 part[16] = {};
-          for (int64_t d = 0; d < D; d += 16) {
-            const v16 qd = load16(qr + d);
+          vf part[kLanes] = {};
+          for (int64_t d = 0; d < D; d += kLanes) {
+            const vf qd = loadv(qr + d);
 #pragma GCC unroll 16
-            for (int c = 0; c < 16; ++c) part[c] += qd * load16(kc + (c < live ? c : 0) * at + d);
+            for (int c = 0; c < kLanes; ++c) part[c] += qd * loadv(kc + (c < live ? c : 0) * at + d);
           }
-          v16 sc = hsum16x16(part);
-          sc = lane < live ? sc : v16{} + kNegInf;
-          const float top = std::max(m[r], hmax16(sc));
-          const v16 e = lane < live ? fast_exp16(sc - top) : v16{};
+          vf sc = hsum_each(part);
+          sc = lane < live ? sc : vf{} + kNegInf;
+          const float top = std::max(m[r], hmax(sc));
+          const vf e = lane < live ? fast_expv(sc - top) : vf{};
           const float alpha = fast_exp(m[r] - top);
-          l[r] = l[r] * alpha + hsum16(e);
+          l[r] = l[r] * alpha + hsum(e);
           m[r] = top;
           float* ar = acc + r * D;
-          for (int64_t d = 0; d < D; d += 16) store16(ar + d, load16(ar + d) * alpha);
-          store16(p + r * 16, e);
+          for (int64_t d = 0; d < D; d += kLanes) storev(ar + d, loadv(ar + d) * alpha);
+          storev(p + r * kLanes, e);
         }
         for (int64_t r = 0; r < R; ++r) {
           ahead.step();
-          accumulate(acc + r * D, p + r * 16, live, vr + c0 * at + koff[r], at, D);
+          accumulate(acc + r * D, p + r * kLanes, live, vr + c0 * at + koff[r], at, D);
         }
       }
     }

@@ -1,5 +1,5 @@
 // What the CPU kernels share: float32 views of the three cache/activation dtypes, an exp that the compiler
-// vectorizes, explicit-vector dot product and row accumulation, and a parallel loop that hands out work
+// vectorizes, the machine's vector type with its exp, sums and maxima, a dot product and row accumulation, and a parallel loop that hands out work
 // items one at a time.
 #pragma once
 
@@ -44,70 +44,81 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-typedef float v16 __attribute__((vector_size(64)));    // GCC/Clang vectors: one zmm, or two ymm, or four xmm
-// loads and stores through a 4-byte-aligned twin of v16: memcpy into a v16 compiles (under GCC's preference
-// for 256-bit moves) to two ymm stores to the stack and a zmm load back, a store-forwarding stall per load
-typedef float v16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
-inline void store16(float* p, v16 x) { *reinterpret_cast<v16_unaligned*>(p) = x; }
+// The machine's own vector: one zmm with AVX-512, else one ymm. (A 16-lane vector on AVX2 is a pair of ymm,
+// and the 16 partial sums of a key chunk then no longer fit the 16 registers: measured 8x slower.)
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+// loads and stores through a 4-byte-aligned twin: memcpy into a vector compiles (under GCC's preference for
+// 256-bit moves) to two ymm stores to the stack and a zmm load back, a store-forwarding stall per load
+typedef float vf_unaligned __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+inline vf loadv(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void storev(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  v16 acc = {};
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) {
-    acc += load16(a + d) * load16(b + d);
-  }
-  // a shuffle tree: a loop's simd reduction sums the 16 lanes one after another
-  acc += __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  acc += __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  acc += __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  acc += __builtin_shufflevector(acc, acc, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  float sum = acc[0];
-  for (; d < n; ++d) sum += a[d] * b[d];
-  return sum;
+inline vi lane_index() {
+  vi x;
+  for (int i = 0; i < kLanes; ++i) x[i] = i;
+  return x;
 }
 
-// fast_exp over 16 lanes (the same steps; floor as truncation corrected where it rounded up)
-typedef int32_t i16 __attribute__((vector_size(64)));
-inline v16 fast_exp16(v16 x) {
-  const v16 lo = v16{} - 87.0f, hi = v16{} + 88.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const v16 t = x * 1.44269504088896341f + 0.5f;
-  i16 ni = __builtin_convertvector(t, i16);
-  ni += __builtin_convertvector(ni, v16) > t;        // true is -1: truncation rounded a negative t up
-  const v16 n = __builtin_convertvector(ni, v16);
-  v16 r = x - n * 0.693359375f;
+// fast_exp lane by lane (the same steps; floor as truncation corrected where it rounded up)
+inline vf fast_expv(vf x) {
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  x = x > 88.0f ? vf{} + 88.0f : x;
+  const vf t = x * 1.44269504088896341f + 0.5f;
+  vi ni = __builtin_convertvector(t, vi);
+  ni += __builtin_convertvector(ni, vf) > t;        // true is -1: truncation rounded a negative t up
+  const vf n = __builtin_convertvector(ni, vf);
+  vf r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * reinterpret_cast<v16>((ni + 127) << 23);
+  return p * reinterpret_cast<vf>((ni + 127) << 23);
 }
 
-inline float hsum16(v16 x) {
-  x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+// lanes swapped in pairs of blocks of `half` lanes: a shuffle tree's step (a loop's simd reduction sums
+// the lanes one after another)
+#ifdef __AVX512F__
+#define PAD_SWAP8(x) __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+#define PAD_SWAP4(x) __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+#define PAD_SWAP2(x) __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+#else
+#define PAD_SWAP4(x) __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3)
+#define PAD_SWAP2(x) __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5)
+#endif
+
+inline float hsum(vf x) {
+#ifdef __AVX512F__
+  x += PAD_SWAP8(x);
+#endif
+  x += PAD_SWAP4(x);
+  x += PAD_SWAP2(x);
   return x[0] + x[1];
 }
 
-inline float hmax16(v16 x) {
-  auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
-  x = vmax(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  x = vmax(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  x = vmax(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+inline float hmax(vf x) {
+#ifdef __AVX512F__
+  x = x > PAD_SWAP8(x) ? x : PAD_SWAP8(x);
+#endif
+  x = x > PAD_SWAP4(x) ? x : PAD_SWAP4(x);
+  x = x > PAD_SWAP2(x) ? x : PAD_SWAP2(x);
   return std::max(x[0], x[1]);
 }
 
-// {sum of p[c]'s lanes : c < 16}: a transpose-and-add tree, 45 vector operations where 16 separate
-// horizontal sums take about 130; each level halves the vectors and the lanes each one sums
-inline v16 hsum16x16(const v16* p) {
-  v16 a[8], b[4], c[2];
+// {sum of p[c]'s lanes : c < kLanes}: a transpose-and-add tree (45 vector operations for 16 lanes, where
+// 16 separate horizontal sums take about 130); each level halves the vectors and the lanes each one sums
+inline vf hsum_each(const vf* p) {
+#ifdef __AVX512F__
+  vf a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i)
     a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
            __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -119,25 +130,47 @@ inline v16 hsum16x16(const v16* p) {
            __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
   return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  vf b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) acc += loadv(a + d) * loadv(b + d);
+  float sum = hsum(acc);
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
 }
 
 // acc[0:D] += sum_c p[c] * rows[c * stride : c * stride + D], the accumulators held in registers over the
-// run (64 columns at a time), where a loop over acc per key would load and store them for every key
+// run (4 vectors of columns at a time), where a loop over acc per key would load and store them for every key
 inline void accumulate(float* acc, const float* p, int64_t n, const float* rows, int64_t stride, int64_t D) {
+  constexpr int64_t W = 4 * kLanes;
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) {
-    v16 a0 = load16(acc + d0), a1 = load16(acc + d0 + 16), a2 = load16(acc + d0 + 32), a3 = load16(acc + d0 + 48);
+  for (; d0 + W <= D; d0 += W) {
+    float* o = acc + d0;
+    vf a0 = loadv(o), a1 = loadv(o + kLanes), a2 = loadv(o + 2 * kLanes), a3 = loadv(o + 3 * kLanes);
     for (int64_t c = 0; c < n; ++c) {
       const float* x = rows + c * stride + d0;
-      const v16 pc = v16{} + p[c];
-      a0 += pc * load16(x), a1 += pc * load16(x + 16), a2 += pc * load16(x + 32), a3 += pc * load16(x + 48);
+      const vf pc = vf{} + p[c];
+      a0 += pc * loadv(x), a1 += pc * loadv(x + kLanes), a2 += pc * loadv(x + 2 * kLanes), a3 += pc * loadv(x + 3 * kLanes);
     }
-    store16(acc + d0, a0), store16(acc + d0 + 16, a1), store16(acc + d0 + 32, a2), store16(acc + d0 + 48, a3);
+    storev(o, a0), storev(o + kLanes, a1), storev(o + 2 * kLanes, a2), storev(o + 3 * kLanes, a3);
   }
-  for (; d0 + 16 <= D; d0 += 16) {
-    v16 a = load16(acc + d0);
-    for (int64_t c = 0; c < n; ++c) a += (v16{} + p[c]) * load16(rows + c * stride + d0);
-    store16(acc + d0, a);
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    vf a = loadv(acc + d0);
+    for (int64_t c = 0; c < n; ++c) a += (vf{} + p[c]) * loadv(rows + c * stride + d0);
+    storev(acc + d0, a);
   }
   for (; d0 < D; ++d0)
     for (int64_t c = 0; c < n; ++c) acc[d0] += p[c] * rows[c * stride + d0];

@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return norm(x, &residual, weight, eps);
 }
 
-// x [T, 2I] float32 (gate, then up) -> silu(gate) * up, 16 values at a time (bfloat16 and float16 stay
+// x [T, 2I] float32 (gate, then up) -> silu(gate) * up, a vector at a time (bfloat16 and float16 stay
 // torch's: their scalar rounding here measured slower than its vectorized one)
 at::Tensor silu_and_mul(const at::Tensor& x_in) {
   const at::Tensor x = contiguous_rows(x_in, "x");
@@ -83,22 +83,18 @@ at::Tensor silu_and_mul(const at::Tensor& x_in) {
   const float* xp = x.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, rows, grain(2 * width), [&](int64_t a, int64_t b) {
-    float g[16] = {}, u[16] = {}, o[16];
+    float g[kLanes] = {}, u[kLanes] = {}, o[kLanes];
+    auto silu_mul = [](vf gv, vf uv) { return gv / (1.0f + fast_expv(-gv)) * uv; };
     for (int64_t r = a; r < b; ++r) {
       const float *gate = xp + r * 2 * width, *up = gate + width;
       float* dst = op + r * width;
       int64_t d0 = 0;
-      for (; d0 + 16 <= width; d0 += 16) {
-        const v16 gv = load16(gate + d0);
-        store16(dst + d0, gv / (1.0f + fast_exp16(-gv)) * load16(up + d0));
-      }
+      for (; d0 + kLanes <= width; d0 += kLanes) storev(dst + d0, silu_mul(loadv(gate + d0), loadv(up + d0)));
       if (d0 < width) {      // the row's tail, through a zero-padded copy
-        const int64_t n = width - d0;
         std::copy(gate + d0, gate + width, g);
         std::copy(up + d0, up + width, u);
-        const v16 gv = load16(g);
-        store16(o, gv / (1.0f + fast_exp16(-gv)) * load16(u));
-        std::copy(o, o + n, dst + d0);
+        storev(o, silu_mul(loadv(g), loadv(u)));
+        std::copy(o, o + (width - d0), dst + d0);
       }
     }
   });
