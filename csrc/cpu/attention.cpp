@@ -20,6 +20,7 @@ namespace padengine {
 namespace {
 
 constexpr int64_t kRun = 64;         // keys scored at once (a run never crosses a block)
+static_assert(kRun % kLanes == 0, "a score row is whole vectors");
 constexpr int64_t kTileRows = 32;    // query rows (queries x grouped heads) of a prefill item
 constexpr int64_t kMinSplit = 256;   // decode contexts are split in chunks no shorter than this
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -46,27 +47,37 @@ struct Attend {
   T* out;
   float* scratch;   // per split: m, l [rows] then acc [rows][D]
 
-  void run(const Item& it) const {
-    if (it.q_count == 1 && L.dim % kLanes == 0) return decode(it);
-    const int64_t G = L.group, D = L.dim, per_q = it.heads * G, R = it.q_count * per_q, W = it.heads * D;
-    std::vector<float> buf(R * (2 * D + 2 + kRun) + D * kRun + (std::is_same_v<T, float> ? 0 : kRun * W));
-    float *qs = buf.data(), *acc = qs + R * D, *m = acc + R * D, *l = m + R, *s = l + R, *kt = s + R * kRun;
-    float* rows = kt + D * kRun;         // a run's K (then V) as float32, all the item's heads, unless T is
-    std::vector<int64_t> koff(R);        // where row r's head starts in a token's row
+  // the item's query rows, scaled, into qs (m set to -inf); returns where each row's head starts in a
+  // token's K/V row
+  std::vector<int64_t> load_rows(const Item& it, int64_t R, float* qs, float* m) const {
+    const int64_t G = L.group, D = L.dim, per_q = it.heads * G;
+    std::vector<int64_t> koff(R);
     for (int64_t r = 0; r < R; ++r) {
       const T* src = q + (it.q_begin + r / per_q) * L.q_tok + (it.head_begin * G + r % per_q) * L.q_head;
       for (int64_t d = 0; d < D; ++d) qs[r * D + d] = to_float(src[d]) * L.scale;
       m[r] = kNegInf;
       koff[r] = (r % per_q) / G * D;
     }
-    const int64_t* table = tables + it.seq * L.table_width;
+    return koff;
+  }
+
+  // a run: keys t0 .. t0 + n - 1 of the item, contiguous in one block; returns their offset in the caches
+  int64_t run_at(const Item& it, int64_t t0, int64_t& n) const {
+    const int64_t in_block = t0 % L.block_size;
+    n = std::min({kRun, L.block_size - in_block, it.key_end - t0});
+    return (tables[it.seq * L.table_width + t0 / L.block_size] * L.block_size + in_block) * L.kv_heads * L.dim +
+           it.head_begin * L.dim;
+  }
+
+  void run(const Item& it) const {
+    if (it.q_count == 1 && L.dim % kLanes == 0) return decode(it);
+    const int64_t G = L.group, D = L.dim, per_q = it.heads * G, R = it.q_count * per_q, W = it.heads * D;
+    std::vector<float> buf(R * (2 * D + 2 + kRun) + D * kRun + (std::is_same_v<T, float> ? 0 : kRun * W));
+    float *qs = buf.data(), *acc = qs + R * D, *m = acc + R * D, *l = m + R, *s = l + R, *kt = s + R * kRun;
+    float* rows = kt + D * kRun;         // a run's K (then V) as float32, all the item's heads, unless T is
+    const std::vector<int64_t> koff = load_rows(it, R, qs, m);
     const int64_t stride = L.kv_heads * D, last = it.pos_begin + it.q_count - 1;
-    // a run: keys t0 .. t0 + n - 1, contiguous in one block, at offset off of the caches
-    auto run_at = [&](int64_t t0, int64_t& n) {
-      const int64_t in_block = t0 % L.block_size;
-      n = std::min({kRun, L.block_size - in_block, it.key_end - t0});
-      return (table[t0 / L.block_size] * L.block_size + in_block) * stride + it.head_begin * D;
-    };
+    auto run_at = [&](int64_t t0, int64_t& n) { return this->run_at(it, t0, n); };
     int64_t n, next_n = 0;
     for (int64_t t0 = it.key_begin, off = run_at(t0, n); t0 < it.key_end; t0 += n, off = run_at(t0, n)) {
       if (t0 + n < it.key_end) {   // blocks lie anywhere in the pool: fetch the next run while this one computes
@@ -92,25 +103,14 @@ struct Attend {
   // come out of a transpose-and-add tree as one vector, which the online softmax works on whole. The next run is
   // prefetched a few lines per row of work: a burst of prefetches stalls once the line fill buffers are full.
   void decode(const Item& it) const {
-    const int64_t G = L.group, D = L.dim, R = it.heads * G, W = it.heads * D, stride = L.kv_heads * D;
+    const int64_t D = L.dim, R = it.heads * L.group, W = it.heads * D, stride = L.kv_heads * D;
     constexpr bool kFloat = std::is_same_v<T, float>;
     thread_local std::vector<float> buf;
     buf.assign(2 * R * D + 2 * R + kLanes * R + (kFloat ? 0 : 2 * kRun * W), 0.f);
     float *qs = buf.data(), *acc = qs + R * D, *m = acc + R * D, *l = m + R, *p = l + R, *k_run = p + kLanes * R;
     float* v_run = k_run + kRun * W;
-    std::vector<int64_t> koff(R);
-    for (int64_t r = 0; r < R; ++r) {
-      const T* src = q + it.q_begin * L.q_tok + (it.head_begin * G + r) * L.q_head;
-      for (int64_t d = 0; d < D; ++d) qs[r * D + d] = to_float(src[d]) * L.scale;
-      m[r] = kNegInf;
-      koff[r] = r / G * D;
-    }
-    const int64_t* table = tables + it.seq * L.table_width;
-    auto run_at = [&](int64_t t0, int64_t& n) {
-      const int64_t in_block = t0 % L.block_size;
-      n = std::min({kRun, L.block_size - in_block, it.key_end - t0});
-      return (table[t0 / L.block_size] * L.block_size + in_block) * stride + it.head_begin * D;
-    };
+    const std::vector<int64_t> koff = load_rows(it, R, qs, m);
+    auto run_at = [&](int64_t t0, int64_t& n) { return this->run_at(it, t0, n); };
     const vi lane = lane_index();
     int64_t n, next_n = 0;
     for (int64_t t0 = it.key_begin, off = run_at(t0, n); t0 < it.key_end; t0 += n, off = run_at(t0, n)) {
@@ -221,6 +221,7 @@ struct Attend {
   void update(float* s, int64_t R, int64_t n, const T* vp, int64_t stride, float* m, float* l, float* acc,
               const int64_t* koff, float* rows, int64_t W) const {
     const int64_t D = L.dim;
+    const vi lane = lane_index();
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * kRun;
       float top = m[r];
@@ -230,15 +231,15 @@ struct Attend {
         std::fill(sr, sr + n, 0.f);
         continue;
       }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < n; ++c) {
-        const float e = fast_exp(sr[c] - top);
-        sr[c] = sr[c] == kNegInf ? 0.f : e;
-        sum += sr[c];
+      vf sum = {};
+      for (int64_t c = 0; c < n; c += kLanes) {   // whole vectors: the row has kRun slots, a multiple of kLanes
+        const vf x = loadv(sr + c);
+        const vf e = (x != kNegInf) & (lane + static_cast<int>(c) < static_cast<int>(n)) ? fast_expv(x - top) : vf{};
+        storev(sr + c, e);
+        sum += e;
       }
       const float alpha = fast_exp(m[r] - top);
-      l[r] = l[r] * alpha + sum;
+      l[r] = l[r] * alpha + hsum(sum);
       m[r] = top;
       float* ar = acc + r * D;
       for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;

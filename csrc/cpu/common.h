@@ -1,6 +1,6 @@
-// What the CPU kernels share: float32 views of the three cache/activation dtypes, an exp that the compiler
-// vectorizes, the machine's vector type with its exp, sums and maxima, a dot product and row accumulation, and a parallel loop that hands out work
-// items one at a time.
+// What the CPU kernels share: float32 views of the three cache/activation dtypes, the machine's vector type
+// with a branch-free exp, horizontal sums and maxima, a dot product and row accumulation, and a parallel
+// loop that hands out work items one at a time.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -23,27 +23,6 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }     // round to nearest even
 
-// e^x to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the exponent
-// bits). No branches and no libm call, so loops over it vectorize; inputs are clamped to [-87, 88], so
-// exp(-inf) comes out as 1.6e-38, not 0: callers that need an exact 0 select it.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // The machine's own vector: one zmm with AVX-512, else one ymm. (A 16-lane vector on AVX2 is a pair of ymm,
 // and the 16 partial sums of a key chunk then no longer fit the 16 registers: measured 8x slower.)
 #ifdef __AVX512F__
@@ -65,7 +44,9 @@ inline vi lane_index() {
   return x;
 }
 
-// fast_exp lane by lane (the same steps; floor as truncation corrected where it rounded up)
+// e^x lane by lane to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the
+// exponent bits; floor as truncation, corrected where it rounded up). No branches and no libm call; inputs
+// are clamped to [-87, 88], so exp(-inf) comes out as 1.6e-38, not 0: callers that need an exact 0 select it.
 inline vf fast_expv(vf x) {
   x = x < -87.0f ? vf{} - 87.0f : x;
   x = x > 88.0f ? vf{} + 88.0f : x;
@@ -85,8 +66,10 @@ inline vf fast_expv(vf x) {
   return p * reinterpret_cast<vf>((ni + 127) << 23);
 }
 
-// lanes swapped in pairs of blocks of `half` lanes: a shuffle tree's step (a loop's simd reduction sums
-// the lanes one after another)
+inline float fast_exp(float x) { return fast_expv(vf{} + x)[0]; }    // one lane of it
+
+// the lanes swapped in neighbouring blocks of 8, 4 or 2: the steps of a shuffle tree for horizontal sums
+// and maxima (a loop's simd reduction takes the lanes one after another)
 #ifdef __AVX512F__
 #define PAD_SWAP8(x) __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
 #define PAD_SWAP4(x) __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)

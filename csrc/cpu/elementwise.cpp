@@ -1,7 +1,7 @@
 // The row-wise ops of a layer, each one pass instead of a chain of torch ops: RMSNorm with the residual add
 // fused (padengine/layers/norm.py), rotary embedding in place (layers/rotary.py), and the KV write by slot
-// mapping (layers/attention.py's write_kv), and float32 SiLU-and-multiply (layers/activation.py).
-// Intermediate values are rounded to the activation dtype where the torch references round them, so bfloat16 results
+// mapping (layers/attention.py's write_kv), and float32 SiLU-and-multiply (layers/activation.py). Intermediate
+// values are rounded to the activation dtype where the torch references round them, so bfloat16 results
 // match theirs up to float32 summation order.
 #include "common.h"
 
