@@ -18,7 +18,7 @@ On the CPU (`cuda_graphs=True`, for tests) there is nothing to capture: the same
 step runs eagerly each time, which checks everything but the capture itself.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,9 +64,9 @@ class DecodeGraphs:
         span = min(max(MIN_SPAN, _pow2_ceil(max(len(s) for r in decode for s in r.streams))),
                    self.runner.max_model_len)
         width = -(-span // self.runner.cfg.block_size)
-        step = self.runner.layout(decode, [], (rows, reward_rows), width)
         # one sampler width per graph: the whole vocabulary, or the largest k rounded up to a power of two
-        step.max_k = vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, _pow2_ceil(max(ks))))
+        step = replace(self.runner.layout(decode, [], (rows, reward_rows), width),
+                       max_k=vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, _pow2_ceil(max(ks)))))
         key = (rows, reward_rows, step.max_k, width, "top_p" in step.fields.names, step.num_top, step.base_logprobs)
         g = self.graphs.get(key)
         if g is None:

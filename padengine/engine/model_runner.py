@@ -24,10 +24,10 @@ from padengine.distributed.sampler import split_sample, tp_logprobs
 from padengine.distributed.workers import Workers
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.cuda_graphs import DecodeGraphs
-from padengine.engine.readback import Pending, Readback, TokenResult
+from padengine.engine.decode_batch import DecodeBatch
+from padengine.engine.readback import Pending, Readback, StepTokens
 from padengine.engine.scheduler import Batch
 from padengine.engine.sequence import Request
-from padengine.engine.sampling_fields import SamplingCache
 from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, StepResult, Uploader, layout_step
 from padengine.errors import require
 from padengine.kernels import get_ops
@@ -72,10 +72,11 @@ class ModelRunner:
         self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
         self.upload = Uploader(self.device)
         self.readback = Readback(self.device)
-        self.sampling_cache = SamplingCache()
         # asynchronous scheduling: each step leaves its tokens here, where the next one reads its inputs
         self.sampled_tokens = (torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=self.device)
                                if cfg.async_scheduling else None)
+        self.decode_batch = DecodeBatch(p, cfg.block_size, self.sink, self.vocab_size, cfg.async_scheduling)
+        self.last_inputs = None     # (layout shape, ints, floats, inputs) of the last persistent decode step
         self.sample = self.ops.sample
         self.graphs = DecodeGraphs(self, cfg.max_num_seqs) if cfg.cuda_graphs else None
 
@@ -157,27 +158,53 @@ class ModelRunner:
         `collect`; on CUDA nothing here waits for the device."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)      # per thread: Triton and graph capture use the current device
-        result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
-        if result is None:
-            step = self.layout(batch.decode, batch.prefill)
-            ints = self.upload(step.fields.ints, torch.long)
-            floats = self.upload(step.fields.floats, torch.float32)
-            inputs = step.inputs(ints, floats, self.windows, static=False)
-            if self.workers is None:
-                result = self.compute(inputs)
-            else:
-                with self.workers.guard():
-                    self.workers.broadcast(step.header(), ints, floats)
+        try:
+            result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
+            if result is None:
+                step = self.layout(batch.decode, batch.prefill)
+                ints, floats, inputs = self._upload(step)
+                if self.workers is None:
                     result = self.compute(inputs)
+                else:
+                    with self.workers.guard():
+                        self.workers.broadcast(step.header(), ints, floats)
+                        result = self.compute(inputs)
+        except BaseException:
+            self.decode_batch.reset()
+            raise
         return self.readback.start(result, len(batch.sampled))
 
-    def collect(self, pending: Pending) -> list[TokenResult]:
+    def _upload(self, step: StepLayout) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
+        """The step's two value arrays on the device and its tensors there. A persistent decode step
+        shaped as the last one refills the last one's device arrays and keeps their views."""
+        shape = (step.fields.fields, step.max_k, step.num_top, step.base_logprobs) if step.reusable else None
+        if shape is not None and self.last_inputs is not None and self.last_inputs[0] == shape:
+            _, ints, floats, inputs = self.last_inputs
+            self.upload(step.fields.ints, torch.long, out=ints)
+            self.upload(step.fields.floats, torch.float32, out=floats)
+            for x, h in zip(inputs.models, step.models):
+                if x is not None:
+                    x.batch.context_lens_cpu = h["lens"]
+            return ints, floats, inputs
+        ints, floats = self.upload(step.fields.ints, torch.long), self.upload(step.fields.floats, torch.float32)
+        inputs = step.inputs(ints, floats, self.windows, static=False)
+        self.last_inputs = (shape, ints, floats, inputs) if shape is not None else None
+        return ints, floats, inputs
+
+    def collect(self, pending: Pending) -> StepTokens:
         """A launched step's results, one per sampled request (waits for the step to finish)."""
         return self.readback.collect(pending)
 
     def layout(self, decode: list[Request], prefill: list[Request], pad_to=None, width=None) -> StepLayout:
+        """A decode-only step from the persistent batch where it can, else (and then resetting it) from
+        the requests' streams."""
+        if not prefill:
+            step = self.decode_batch.layout(decode, pad_to, width)
+            if step is not None:
+                return step
+        self.decode_batch.reset()
         return layout_step(decode, prefill, self.placement, self.cfg.block_size, self.sink, self.vocab_size,
-                           pad_to, width, feed=self.sampled_tokens is not None, cache=self.sampling_cache)
+                           pad_to, width, feed=self.sampled_tokens is not None)
 
     def compute(self, x: StepInputs) -> StepResult | None:
         """The step on the device: forwards, LM heads, penalties, reward merge and sampler. Nothing here

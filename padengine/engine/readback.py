@@ -2,9 +2,10 @@
 
 `Readback.start` packs the sampled rows' token ids, log-probabilities, alternatives and base-model
 log-probabilities into one float64 tensor (token ids are exact in float64) and queues its copy into a
-pinned host buffer behind the step, recording an event; `collect` waits for that event and turns the rows
-into `TokenResult`s. Two pinned buffers alternate, so the asynchronous loop can queue step t+1's copy
-while step t's results are still unread. On the CPU the copy is the packed tensor itself.
+pinned host buffer behind the step, recording an event; `collect` waits for that event and turns the
+columns into lists (`StepTokens`). Two pinned buffers alternate, so the asynchronous loop can queue step
+t+1's copy while step t's results are still unread. On the CPU the results are on the host already: no
+packing, `collect` reads their tensors.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,21 +15,22 @@ import torch
 from padengine.engine.step_inputs import StepResult
 
 
-class TokenResult(NamedTuple):
-    """One request's token of a step, on the host."""
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]       # alternatives by log-probability, most likely first
-    base_logprob: float | None
+class StepTokens(NamedTuple):
+    """A step's tokens on the host, one entry per sampled request in order."""
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None     # alternatives by log-probability, most likely first
+    base_logprobs: list[float] | None
 
 
 @dataclass
 class Pending:
     """A launched step's results on their way to the host."""
-    host: torch.Tensor                 # [rows, 2 + 2 * width (+ 1)] float64, valid once `done` is
+    host: torch.Tensor | None          # on CUDA: [rows, 2 + 2 * width (+ 1)] float64, valid once `done` is
     done: "torch.cuda.Event | None"
     width: int                         # alternatives per row
     has_base: bool
+    parts: list[torch.Tensor] | None = None    # on the CPU: the rows' tensors themselves
 
 
 class Readback:
@@ -40,13 +42,15 @@ class Readback:
     def start(self, result: StepResult, n: int) -> Pending:
         """Queue the copy of the first n rows of `result` (the requests; the rest is padding)."""
         s = result.sample
-        parts = [s.tokens[:n, None], s.logprobs[:n, None], s.top_ids[:n], s.top_logprobs[:n]]
+        parts = [s.tokens, s.logprobs, s.top_ids, s.top_logprobs]
         if result.base_logprobs is not None:
-            parts.append(result.base_logprobs[:n, None])
-        packed = torch.cat([p.double() for p in parts], dim=1)
+            parts.append(result.base_logprobs)
+        if len(s.tokens) != n:
+            parts = [p[:n] for p in parts]
         width, has_base = s.top_ids.shape[1], result.base_logprobs is not None
         if self.device.type != "cuda":
-            return Pending(packed, None, width, has_base)
+            return Pending(None, None, width, has_base, parts)
+        packed = torch.cat([p.double().view(n, -1) for p in parts], dim=1)
         self.turn ^= 1
         buf = self.buffers[self.turn]
         if buf.numel() < packed.numel():
@@ -59,14 +63,17 @@ class Readback:
         return Pending(host, done, width, has_base)
 
     @staticmethod
-    def collect(pending: Pending) -> list[TokenResult]:
-        if pending.done is not None:
+    def collect(pending: Pending) -> StepTokens:
+        width, parts = pending.width, pending.parts
+        if parts is None:
             pending.done.synchronize()
-        width, out = pending.width, []
-        if not width and not pending.has_base:
-            return [TokenResult(int(token), logprob, [], None) for token, logprob in pending.host.tolist()]
-        for row in pending.host.tolist():
-            ids, lps = row[2:2 + width], row[2 + width:2 + 2 * width]
-            top = sorted(((int(i), lp) for i, lp in zip(ids, lps) if lp != float("-inf")), key=lambda p: -p[1])
-            out.append(TokenResult(int(row[0]), row[1], top, row[-1] if pending.has_base else None))
-        return out
+            columns = pending.host.t()
+            parts = [columns[0].long(), columns[1], columns[2:2 + width].t(), columns[2 + width:2 + 2 * width].t(),
+                     columns[-1]]
+        top = base = None
+        if width:
+            top = [sorted(((i, lp) for i, lp in zip(ids, lps) if lp != float("-inf")), key=lambda p: -p[1])
+                   for ids, lps in zip(parts[2].long().tolist(), parts[3].tolist())]
+        if pending.has_base:
+            base = parts[4].tolist()
+        return StepTokens(parts[0].tolist(), parts[1].tolist(), top, base)

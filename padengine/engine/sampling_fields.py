@@ -1,11 +1,10 @@
-"""The sampler's per-request inputs of a step: parameters (kept across steps) and penalty occurrences.
+"""The sampler's per-request inputs of a step laid out by the general path: parameters and penalties.
 
 `sampling_fields` gathers each request's sampling parameters into named per-row fields (top_k, seed,
 temperature, reward owners and weights, top_p / min_p when a row filters) and the step-wide sampler
-settings (candidate width, alternatives, base log-probabilities). They change only when the batch's
-requests do, so `SamplingCache` keeps the last batch's and `layout_step` reuses them while a decoding
-batch stays the same (the positions, which advance every step, are laid out fresh). `penalty_fields`
-adds what the device needs to count occurrences for penalized rows.
+settings (candidate width, alternatives, base log-probabilities); engine/decode_batch.py keeps the same
+fields of a decode step across steps. `penalty_fields` adds what the device needs to count occurrences
+for penalized rows.
 """
 from dataclasses import dataclass
 
@@ -20,21 +19,6 @@ class SamplingFields:
     num_top: int
     base_logprobs: bool
     penalized: bool
-
-
-class SamplingCache:
-    """The last batch's `SamplingFields`: a decoding batch whose requests have not changed since the
-    previous step reuses them instead of walking every request's parameters again."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def get(self, key, build) -> SamplingFields:
-        """The fields for `key` (the batch's requests and shape): the last ones if it is unchanged, else
-        `build()`'s, kept for the next step."""
-        if key != self.key:
-            self.key, self.value = key, build()
-        return self.value
 
 
 def sampling_fields(reqs: list[Request], owners: list[tuple], rows: int, num_rewards: int,

@@ -23,10 +23,12 @@ late when that token ends it. A preempted request resumes only once its pending 
 import logging
 import time
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass
 
 from padengine.engine.block_manager import BlockManager
-from padengine.engine.sequence import Request, Status
+from padengine.engine.readback import StepTokens
+from padengine.engine.sequence import PENDING, Request, Status
 
 logger = logging.getLogger(__name__)
 
@@ -61,29 +63,34 @@ class Scheduler:
         """The next step: running requests that decode one token, then the ones that prefill. Both kinds
         share one forward pass, so prefill work never stalls the running batch. A request whose pending
         token is sure to be its last (max_tokens) sits the step out."""
-        kept, decode, pools = [], [], self.pools
+        kept, decode, chunking, pools, bs = [], [], [], self.pools, self.pools[0].block_size
+        preempted = False
         while self.running:         # the hot loop: one pass per running request, no per-token work
             req = self.running.popleft()
-            streams = req.streams
-            if (req.num_drawn >= req.params.max_tokens
-                    or any(s.num_computed_tokens < len(s.token_ids) - 1 for s in streams)):
-                kept.append(req)    # its pending token is its last, or its chunked prefill goes on
-                continue
-            if min(p.num_free for p in pools) < len(streams):      # a new block per stream at most
-                while req.status == Status.RUNNING and not self._can_append(req):
-                    self.preempt(self.running[-1] if self.running else req, kept)
-                if req.status != Status.RUNNING:                    # preempted with its group
-                    continue
-            for s in streams:
-                pools[s.pool].append_slot(s)
-                s.step_end = len(s.token_ids)
             kept.append(req)
-            decode.append(req)
+            base = req.base
+            if not req.decodes:
+                chunking.append(req)    # its chunked prefill goes on
+                continue
+            if len(base.token_ids) - base.num_prompt_tokens >= req.params.max_tokens:
+                continue                # its pending token is its last
+            for s in req.streams:
+                if len(s.token_ids) > len(s.block_table) * bs:     # its last token starts a block
+                    while req.status == Status.RUNNING and not self._can_append(req):
+                        self.preempt(self.running[-1] if self.running else req, kept)
+                        preempted = True
+                    if req.status == Status.RUNNING:                # not preempted with its group
+                        for t in req.streams:
+                            pools[t.pool].append_slot(t)
+                    break
+            if req.status == Status.RUNNING:
+                decode.append(req)
         self.running.extend(kept)
-        decode = [r for r in decode if r.status == Status.RUNNING]     # a later victim's group
+        if preempted:               # a later victim's group may have been scheduled
+            decode = [r for r in decode if r.status == Status.RUNNING]
         budget = self.max_num_batched_tokens - sum(len(r.streams) for r in decode)
         prefill = []
-        for req in (r for r in kept if r.is_prefilling and r.status == Status.RUNNING):
+        for req in (r for r in chunking if r.status == Status.RUNNING):
             if budget <= 0:
                 break
             budget -= self._chunk(req, budget)
@@ -94,22 +101,31 @@ class Scheduler:
     def commit(self, batch: Batch) -> None:
         """The step is launched: its streams' KV is (being) written, and each sampled request holds a
         PENDING token until `postprocess` reads it."""
-        for req in batch.decode + batch.prefill:
+        for row, req in enumerate(batch.decode):
+            for s in req.streams:       # a decoding stream computes its last token
+                s.num_computed_tokens = len(s.token_ids)
+                s.token_ids.append(PENDING)
+            req.pending_row = row
+        for req in batch.prefill:
             for s in req.streams:
                 s.num_computed_tokens = s.step_end
-        for row, req in enumerate(batch.sampled):
+        for row, req in enumerate(batch.sampled[len(batch.decode):], len(batch.decode)):
             req.reserve(row)
+        for req in batch.prefill:
+            req.decodes = not req.is_prefilling
 
-    def postprocess(self, batch: Batch, results: list) -> list[Request]:
+    def postprocess(self, batch: Batch, results: StepTokens) -> list[Request]:
         """A step's results (one per sampled request, in order) into its requests; finished ones are
         freed. Requests that ended while the step was in flight (an abort, a stop string, a stop token
         drawn by the step before) drop their token. Returns the requests that got one."""
         advanced = []
-        for req, result in zip(batch.sampled, results):
-            if req.is_finished:
+        none = repeat(None)
+        for req, token, logprob, top, base in zip(batch.sampled, results.tokens, results.logprobs,
+                                                  results.top or none, results.base_logprobs or none):
+            if req.status == Status.FINISHED:
                 continue
-            req.fill(*result)
-            if req.is_finished:
+            req.fill(token, logprob, top, base)
+            if req.status == Status.FINISHED:
                 self.finish(req)
             advanced.append(req)
         return advanced
@@ -191,6 +207,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         for s in req.streams:
             self.pools[s.pool].release(s)
+        req.decodes = False
 
     def _can_allocate(self, group: list[Request]) -> bool:
         """Room for every stream of the group without counting on the prefix cache."""

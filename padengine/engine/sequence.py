@@ -30,7 +30,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last allocation
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (cached or computed)
-        self.step_end = 0            # set by the scheduler: tokens in the cache after the scheduled step
+        self.step_end = 0            # a prefilling stream's tokens in the cache after the scheduled step (set
+                                     # by the scheduler); a decoding one's step computes its last token
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -94,6 +95,8 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     pending_row: int = -1                # the sampler row of the last step that drew this request's token
+    decodes: bool = False                # every stream's KV is computed but for its last token's (set by
+                                         # the scheduler: not `is_prefilling`, kept for its hot loop)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     @property
@@ -149,19 +152,21 @@ class Request:
         """The oldest placeholder's token, read back: into every stream and the output; finish on a stop
         token or at max_tokens. `top` (the alternatives) and `base_logprob` are kept as far as the request
         asked for them."""
-        if not self.output_ids:
+        out, params = self.output_ids, self.params
+        if not out:
             self.metrics.first_token_time = time.perf_counter()
+        drawn = len(out)
         for s in self.streams:
-            s.token_ids[s.num_prompt_tokens + len(self.output_ids)] = token
-        self.output_ids.append(token)
+            s.token_ids[s.num_prompt_tokens + drawn] = token
+        out.append(token)
         self.logprobs.append(logprob)
-        self.top_logprobs.append((top or [])[:self.params.top_logprobs])
-        if self.params.base_logprobs:
+        self.top_logprobs.append(top[:params.top_logprobs] if top else [])
+        if params.base_logprobs:
             self.base_logprobs.append(base_logprob)
-        self.metrics.num_generated_tokens = len(self.output_ids)
+        self.metrics.num_generated_tokens = drawn + 1
         if token in self.stop_ids:
             self.finish("stop")
-        elif len(self.output_ids) >= self.params.max_tokens:
+        elif drawn + 1 >= params.max_tokens:
             self.finish("length")
 
     def finish(self, reason: str) -> None:

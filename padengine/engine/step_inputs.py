@@ -2,7 +2,8 @@
 
 Everything one step needs on the device (token ids, positions, KV slots, block tables and context
 lengths of each model's streams, which hidden rows to keep, the reward streams' owners and weights, the
-sampling parameters) is written on the host into one flat int64 list and one float32 list. Each goes to
+sampling parameters) is written on the host into one flat int64 array and one float32 array (here from
+the Python objects, for any step; engine/decode_batch.py keeps a decode step's in numpy across steps). Each goes to
 the device in a single copy (through a reused pinned staging buffer on CUDA) and is viewed there as the
 step's tensors, instead of a dozen small synchronous copies. A CUDA graph keeps one such pair as its
 static inputs; a replay refills them in place from a batch laid out the same way.
@@ -14,30 +15,51 @@ weight 0; their results are dropped.
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from padengine.distributed.placement import Placement
 from padengine.engine.sequence import PENDING, Request, Sequence
 from padengine.layers.attention import AttnBatch
-from padengine.engine.sampling_fields import SamplingCache, penalty_fields, sampling_fields
+from padengine.engine.sampling_fields import penalty_fields, sampling_fields
 from padengine.layers.sampler import Sample
 
 
 class Fields:
-    """Named fields in two flat host lists (int64 and float32); `views` cuts device copies into tensors."""
+    """Named fields in two flat host arrays (int64 and float32), each field a list or a numpy array;
+    `views` cuts device copies of the two into tensors."""
 
     def __init__(self):
-        self.ints: list[int] = []
-        self.floats: list[float] = []
+        self.parts: tuple[list, list] = ([], [])     # the int64 fields' values in order, the float32 ones'
+        self.sizes = [0, 0]
         self.fields: list[tuple] = []
 
-    def add(self, name: str, values: list, shape: tuple | None = None, floating: bool = False) -> None:
-        buf = self.floats if floating else self.ints
+    def add(self, name: str, values, shape: tuple | None = None, floating: bool = False) -> None:
         # each field starts 16-byte aligned: Triton specializes kernels on pointer alignment, and fields
         # shifting with the batch's composition would compile new variants mid-serving
-        buf.extend([0] * (-len(buf) % (4 if floating else 2)))
-        self.fields.append((name, floating, len(buf), len(values), shape))
-        buf.extend(values)
+        pad = -self.sizes[floating] % (4 if floating else 2)
+        if pad:
+            self.parts[floating].append([0] * pad)
+        start = self.sizes[floating] + pad
+        self.fields.append((name, floating, start, len(values), shape))
+        self.parts[floating].append(values)
+        self.sizes[floating] = start + len(values)
+
+    @property
+    def ints(self) -> np.ndarray:
+        return _join(self.parts[0], np.int64)
+
+    @property
+    def floats(self) -> np.ndarray:
+        return _join(self.parts[1], np.float32)
+
+    def pack(self) -> None:
+        """Join the parts into the two arrays once, for fields that are then changed in place."""
+        self.parts = ([self.ints], [self.floats])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Each field as a view of the packed host arrays."""
+        return self.views(self.ints, self.floats)
 
     @property
     def names(self) -> set[str]:
@@ -47,8 +69,14 @@ class Fields:
         out = {}
         for name, floating, start, size, shape in self.fields:
             t = (floats if floating else ints)[start:start + size]
-            out[name] = t.view(shape) if shape else t
+            out[name] = t.reshape(shape) if shape else t
         return out
+
+
+def _join(parts: list, dtype) -> np.ndarray:
+    if len(parts) == 1 and isinstance(parts[0], np.ndarray):
+        return parts[0]         # packed
+    return np.concatenate([np.asarray(p, dtype) for p in parts]) if parts else np.zeros(0, dtype)
 
 
 class Uploader:
@@ -61,10 +89,13 @@ class Uploader:
         self.staging: dict[torch.dtype, torch.Tensor] = {}
         self.copied: dict[torch.dtype, torch.cuda.Event] = {}
 
-    def __call__(self, values: list, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
+    def __call__(self, values: np.ndarray, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.device.type == "cpu":
+            if out is not None and out.data_ptr() == values.ctypes.data:
+                return out          # out is values' own memory (a persistent step's arrays)
+            host = torch.from_numpy(values)
             return host if out is None else out.copy_(host)
+        host = torch.from_numpy(values)
         if dtype in self.copied:
             self.copied[dtype].synchronize()
         staging = self.staging.get(dtype)
@@ -119,6 +150,7 @@ class StepLayout:
     max_k: int
     num_top: int
     base_logprobs: bool
+    reusable: bool = False         # a persistent decode step: the same shape as the last one keeps its views
 
     def header(self) -> "StepLayout":
         """The layout without its values (they travel as the two uploaded lists): what other ranks need."""
@@ -145,12 +177,11 @@ class StepLayout:
 
 def layout_step(decode: list[Request], prefill: list[Request], placement: Placement, block_size: int,
                 sink: int, vocab: int, pad_to: tuple[int, int] | None = None,
-                width: int | None = None, feed: bool = False, cache: SamplingCache | None = None) -> StepLayout:
+                width: int | None = None, feed: bool = False) -> StepLayout:
     """Lay out a step. The sampler's rows are the decoding requests, then the prefilling ones whose
     step completes their prefill; the streams of unfinished chunked prefills are computed, not sampled.
     `width` fixes the block tables' width (a graph's). `feed` (asynchronous scheduling): PENDING input ids
-    are read on the device from the previous step's tokens. `cache` keeps the sampler's per-request fields
-    across steps with the same requests."""
+    are read on the device from the previous step's tokens."""
     rows_of = {id(s): r.pending_row for r in decode for s in r.streams} if feed else None
     reqs = decode + [r for r in prefill if r.samples_this_step]
     rows, num_rewards = pad_to or (len(reqs), sum(len(r.rewards) for r in reqs))
@@ -166,8 +197,7 @@ def layout_step(decode: list[Request], prefill: list[Request], placement: Placem
         extra = [s for s in chunks if s.pool == m]
         models.append(_layout_model(fields, m, streams, extra, prefilling, block_size, sink, width, rows_of)
                       if streams or extra else None)
-    build = lambda: sampling_fields(reqs, owners, rows, num_rewards, vocab)
-    static = build() if cache is None else cache.get((tuple(map(id, reqs)), rows, num_rewards, vocab), build)
+    static = sampling_fields(reqs, owners, rows, num_rewards, vocab)
     for name, values, floating in static.values:
         fields.add(name, values, floating=floating)
     fields.add("position", [r.num_drawn for r in reqs] + [0] * (rows - len(reqs)))
@@ -190,7 +220,7 @@ def _layout_model(fields: Fields, m: int, picked: list[Sequence | None], extra: 
     tables = [s.block_table if s is not None else [sink] for s in seqs]
     width = width or max(len(t) for t in tables)
     starts = [s.num_computed_tokens if s is not None else 0 for s in seqs]
-    lens = [s.step_end if s is not None else 1 for s in seqs]
+    lens = [1 if s is None else s.step_end if id(s) in prefilling else len(s.token_ids) for s in seqs]
     query_lens = [n - a for a, n in zip(starts, lens)]
     ids = [t for s, a, n in zip(seqs, starts, lens) for t in (s.token_ids[a:n] if s else [0])]
     fields.add(f"ids{m}", ids)

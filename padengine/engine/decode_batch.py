@@ -1,0 +1,265 @@
+"""The persistent batch: a decode step's inputs, kept across steps in numpy arrays and advanced in place.
+
+From one decode step to the next the inputs barely change: the same requests, every stream one token
+further on. `layout_step` (the general path, for steps that prefill or penalize) reads every stream's
+fields from the Python objects; `DecodeBatch` keeps them instead, per row (the sampler's rows: the
+decoding requests in order) and per stream, in two groups: the base streams (one per row) and the reward
+streams (in row order, each with its owner row and weight). A step
+- with the same requests in the same order as the step before (the steady state) advances every
+  stream's position by one in numpy and reads a block id from a stream's table only where its new
+  position starts a block (once in block_size steps);
+- otherwise takes the rows that decoded in the step before from the arrays, by each request's previous
+  sampler row (`pending_row`), and reads the others (new to decoding, or back from a prefill) from their
+  streams, one token behind, so that the same advance brings them level.
+Its fields are the ones `layout_step` gives the same batch (tests compare the two), packed from the
+arrays in a few numpy calls; `pad_to` and `width` fill a CUDA graph's static shape. A step laid out by
+the general path, or one that fails, resets the batch: its next step reads every request afresh.
+"""
+import numpy as np
+
+from padengine.distributed.placement import Placement
+from padengine.engine.sequence import PENDING, Request
+from padengine.engine.step_inputs import Fields, StepLayout
+
+ROW_FIELDS = (("top_k", np.int64), ("seed", np.int64), ("temperature", np.float32), ("top_p", np.float32),
+              ("min_p", np.float32), ("candidates", np.int64), ("num_top", np.int64), ("base_logprobs", bool),
+              ("filters", bool), ("position", np.int64))
+
+
+class Streams:
+    """One group's per-stream arrays: the position each stream computes this step, its block table
+    (padded with the sink block), its owner row and index among that request's streams, and its weight."""
+
+    def __init__(self, sink: int, first: int):
+        self.sink, self.first = sink, first     # first: the group's first index in a request's streams
+        self.pos = np.zeros(0, np.int64)
+        self.tables = np.full((0, 1), sink, np.int64)
+        self.owner = np.zeros(0, np.int64)
+        self.index = np.zeros(0, np.int64)
+        self.weight = np.zeros(0, np.float32)
+        self.fresh_ids: tuple = ()              # (streams, their token ids): read this step, not shared
+        self.view: dict[str, np.ndarray] = {}   # this group's part of the last laid-out step's fields
+        self.countdown = 0                      # advances until some stream's position starts a block
+
+    def regroup(self, decode: list[Request], prev: np.ndarray, num_old_rows: int) -> None:
+        """Row i's streams follow its request's; those of a row that decoded in the step before (prev[i]
+        >= 0) come from the arrays, the others from the request, one token behind."""
+        counts = np.array([len(r.streams) - self.first for r in decode], np.int64) if self.first else \
+            np.ones(len(decode), np.int64)
+        owner = np.repeat(np.arange(len(decode)), counts)
+        index = np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
+        old_starts = np.cumsum(np.bincount(self.owner, minlength=num_old_rows)) - \
+            np.bincount(self.owner, minlength=num_old_rows)
+        src = np.full(len(owner), -1)
+        kept = prev[owner] >= 0
+        src[kept] = old_starts[prev[owner[kept]]] + index[kept]
+        new = np.flatnonzero(~kept)
+        seqs = [decode[o].streams[self.first + k] for o, k in zip(owner[new].tolist(), index[new].tolist())]
+        width = max([self.tables.shape[1]] + [len(s.block_table) for s in seqs])
+        tables = np.full((len(owner), width), self.sink, np.int64)
+        tables[kept, :self.tables.shape[1]] = self.tables[src[kept]]
+        pos, weight = np.zeros(len(owner), np.int64), np.zeros(len(owner), np.float32)
+        pos[kept], weight[kept] = self.pos[src[kept]], self.weight[src[kept]]
+        ids = np.zeros(len(seqs), np.int64)
+        for i, (j, s) in enumerate(zip(new.tolist(), seqs)):
+            pos[j] = len(s.token_ids) - 2
+            tables[j, :len(s.block_table)] = s.block_table
+            ids[i] = s.token_ids[-1]
+            if self.first:
+                weight[j] = decode[owner[j]].weights[index[j]]
+        self.pos, self.tables, self.owner, self.index, self.weight = pos, tables, owner, index + self.first, weight
+        self.view, self.countdown = {}, 0
+        self.fresh_ids = (new, ids) if len(new) else ()
+
+    def advance(self, decode: list[Request], block_size: int) -> bool:
+        """One token further: a stream whose new position starts a block reads that block's id. Where
+        the arrays are a laid-out step's fields (`bind`), its slots and context lengths follow in place;
+        returns False where the tables had to widen, so the step must be laid out anew."""
+        self.pos += 1
+        if self.view:
+            self.view["context_lens"] += 1
+            self.view["slots"] += 1
+        self.countdown -= 1
+        if self.countdown > 0:
+            return True
+        offset = self.pos % block_size
+        self.countdown = int((block_size - offset).min()) if len(offset) else block_size
+        grow = np.flatnonzero(offset == 0)
+        if not len(grow):
+            return True
+        blocks = self.pos[grow] // block_size
+        fits = int(blocks.max()) < self.tables.shape[1]
+        self.widen(int(blocks.max()) + 1)
+        for j, b, o, k in zip(grow.tolist(), blocks.tolist(), self.owner[grow].tolist(), self.index[grow].tolist()):
+            self.tables[j, b] = decode[o].streams[k].block_table[b]
+        if self.view:
+            self.view["slots"][grow] = self.tables[grow, blocks] * block_size
+        return fits
+
+    def widen(self, width: int) -> None:
+        if width > self.tables.shape[1]:
+            self.view = {}
+            grown = np.full((len(self.pos), max(width, 2 * self.tables.shape[1])), self.sink, np.int64)
+            grown[:, :self.tables.shape[1]] = self.tables
+            self.tables = grown
+
+    def bind(self, views: dict[str, np.ndarray], start: int) -> None:
+        """Make the arrays the laid-out step's own fields (its streams from `start` in each), so that the
+        next steps advance them in place."""
+        end = start + len(self.pos)
+        self.view = {k: views[k][start:end] for k in ("ids", "feed", "slots", "context_lens") if k in views}
+        self.pos = views["positions"][start:end]
+        self.tables = views["tables"][start:end]
+
+    def refresh(self, last: np.ndarray) -> None:
+        """This step's token ids (and their feed rows: the same order as the last step's) in place."""
+        if len(self.pos):
+            ids = self.view["ids"]
+            ids[:] = last[self.owner]
+            if "feed" in self.view:
+                self.view["feed"][:] = np.where(ids == PENDING, self.owner, -1)
+
+    def fields(self, last: np.ndarray, prev_rows: np.ndarray | None, pad: int, block_size: int) -> dict:
+        """This step's per-stream values, then `pad` dummy streams (id 0, position 0, the sink block).
+        `prev_rows`: each row's sampler row in the step before (None: the same)."""
+        ids = last[self.owner]
+        if self.fresh_ids:
+            ids[self.fresh_ids[0]] = self.fresh_ids[1]
+            self.fresh_ids = ()
+        rows = self.owner if prev_rows is None else prev_rows[self.owner]
+        blocks = self.pos // block_size
+        slots = self.tables[np.arange(len(self.pos)), blocks] * block_size + self.pos % block_size
+        zeros = np.zeros(pad, np.int64)
+        return dict(ids=np.concatenate([ids, zeros]),
+                    feed=np.concatenate([np.where(ids == PENDING, rows, -1), zeros - 1]),
+                    positions=np.concatenate([self.pos, zeros]),
+                    slots=np.concatenate([slots, zeros + self.sink * block_size]),
+                    context_lens=np.concatenate([self.pos + 1, zeros + 1]),
+                    num_blocks=np.concatenate([blocks + 1, zeros + 1]))
+
+
+class DecodeBatch:
+    def __init__(self, placement: Placement, block_size: int, sink: int, vocab: int, feed: bool):
+        self.placement, self.block_size, self.sink, self.vocab, self.feed = placement, block_size, sink, vocab, feed
+        self.base, self.reward = Streams(sink, 0), Streams(sink, 1)
+        self.rows = {name: np.zeros(0, dtype) for name, dtype in ROW_FIELDS}
+        self.reqs: list[Request] = []       # the last step's decoding requests, in row order
+        self.prev_rows: np.ndarray | None = None     # each row's sampler row in the step before (None: the same)
+        self.step: StepLayout | None = None   # the last step, whose fields the arrays are (None: none such)
+        self.shape = None                   # its pad_to and width
+        self.settled = False                # its ids and feed rows are those of a step after a steady one
+        self.lens: list[np.ndarray | None] = []     # its context lengths per model
+
+    def reset(self) -> None:
+        """The last step is not the one before the next (the general path laid one out, or it failed)."""
+        self.reqs, self.step = [], None
+
+    def layout(self, decode: list[Request], pad_to: tuple[int, int] | None = None,
+               width: int | None = None) -> StepLayout | None:
+        """The decode-only step of `decode`; None (and a reset) if a request has penalties, whose
+        occurrence lists are the general path's."""
+        if decode != self.reqs:         # identity, element by element, in C
+            if any(r.params.penalized for r in decode):
+                self.reset()
+                return None
+            self._regroup(decode)
+        else:
+            self.prev_rows = None       # every row was the same row of the step before
+        self.reqs = decode
+        level = [g.advance(decode, self.block_size) for g in (self.base, self.reward)]
+        self.rows["position"] += 1
+        if self.step is None or not all(level) or self.shape != (pad_to, width):
+            self.step, self.shape = self._layout(decode, pad_to, width), (pad_to, width)
+            self.settled = False
+            return self.step
+        if not (self.feed and self.settled):
+            # asynchronous and settled: every id is the step before's token, PENDING, fed from its own row
+            last = np.array([r.base.token_ids[-1] for r in decode], np.int64)
+            for g in (self.base, self.reward):
+                g.refresh(last)
+            self.settled = True
+        for h, lens in zip(self.step.models, self.lens):
+            if h is not None:
+                h["lens"] = lens.tolist()
+        return self.step
+
+    def _regroup(self, decode: list[Request]) -> None:
+        old = self.reqs
+        rows = [r.pending_row for r in decode]
+        prev = np.array([p if 0 <= p < len(old) and old[p] is r else -1 for p, r in zip(rows, decode)], np.int64)
+        for g in (self.base, self.reward):
+            g.regroup(decode, prev, len(old))
+        kept, new = np.flatnonzero(prev >= 0), np.flatnonzero(prev < 0)
+        for name, dtype in ROW_FIELDS:
+            values = np.zeros(len(decode), dtype)
+            values[kept] = self.rows[name][prev[kept]]
+            self.rows[name] = values
+        for i in new.tolist():
+            r, p = decode[i], decode[i].params
+            for name, value in (("top_k", p.top_k), ("seed", r.seed), ("temperature", p.temperature),
+                                ("top_p", p.top_p), ("min_p", p.min_p), ("candidates", p.num_candidates(self.vocab)),
+                                ("num_top", p.top_logprobs), ("base_logprobs", p.base_logprobs),
+                                ("filters", p.filters), ("position", r.num_drawn - 1)):
+                self.rows[name][i] = value
+        self.prev_rows = np.array(rows, np.int64)
+        self.step = None
+
+    def _layout(self, decode: list[Request], pad_to, width) -> StepLayout:
+        n, bs, p = len(decode), self.block_size, self.placement
+        rows, num_rewards = pad_to or (n, len(self.reward.pos))
+        last = np.array([r.base.token_ids[-1] for r in decode], np.int64)
+        groups = [self.base.fields(last, self.prev_rows, rows - n, bs),
+                  self.reward.fields(last, self.prev_rows, num_rewards - len(self.reward.pos), bs)]
+        per_model = [[0]] if p.reward is None else [[0, 1]] if p.shared else [[0], [1]]
+        # one width for every model's tables; eager steps round it up to a power of two, so that growing
+        # contexts do not change the step's shape (and lay it out anew) whenever the longest starts a block
+        w = width or 1 << (int(max(x["num_blocks"].max(initial=1) for x in groups)) - 1).bit_length()
+        fields, models = Fields(), []
+        for m, members in enumerate(per_model):
+            parts = [groups[g] for g in members]
+            join = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
+            count = len(join["ids"])
+            if not count:
+                models.append(None)
+                continue
+            tables = []
+            for g, x in zip(members, parts):
+                group = (self.base, self.reward)[g]
+                group.widen(w)
+                tables += [group.tables[:, :w], np.full((len(x["ids"]) - len(group.pos), w), self.sink, np.int64)]
+            fields.add(f"ids{m}", join["ids"])
+            if self.feed:
+                fields.add(f"feed{m}", join["feed"])
+            for name in ("positions", "slots"):
+                fields.add(f"{name}{m}", join[name])
+            fields.add(f"tables{m}", np.concatenate(tables).reshape(-1), (count, w))
+            fields.add(f"context_lens{m}", join["context_lens"])
+            models.append(dict(num_decode=count, query_lens=[1] * count, lens=join["context_lens"].tolist()))
+        r, pad = self.rows, rows - n
+        padded = lambda name, value: np.concatenate([r[name], np.full(pad, value, r[name].dtype)])
+        fields.add("top_k", padded("top_k", 1))
+        fields.add("seed", padded("seed", 0))
+        fields.add("temperature", padded("temperature", 0.0), floating=True)
+        if num_rewards:
+            extra = num_rewards - len(self.reward.pos)
+            fields.add("owner", np.concatenate([self.reward.owner, np.full(extra, rows, np.int64)]))
+            fields.add("weights", np.concatenate([self.reward.weight, np.zeros(extra, np.float32)]), floating=True)
+        if r["filters"].any():
+            fields.add("top_p", padded("top_p", 1.0), floating=True)
+            fields.add("min_p", padded("min_p", 0.0), floating=True)
+        fields.add("position", padded("position", 0))
+        max_k = int(r["candidates"].max()) if n else 1
+        num_top = int(r["num_top"].max()) if n else 0
+        fields.pack()
+        views = fields.arrays()
+        for m, members in enumerate(per_model):
+            start = 0
+            for g in members:
+                group = (self.base, self.reward)[g]
+                if models[m] is not None:
+                    group.bind({k[:-1]: v for k, v in views.items() if k.endswith(str(m))}, start)
+                start += len(groups[g]["ids"])
+        self.rows["position"] = views["position"][:n]
+        self.lens = [None if h is None else views[f"context_lens{m}"] for m, h in enumerate(models)]
+        return StepLayout(fields, models, rows, rows if p.shared else 0, num_rewards, max_k, num_top,
+                          bool(r["base_logprobs"].any()), reusable=True)
