@@ -8,10 +8,11 @@ are the engine thread's CPU time (`time.thread_time`), so other load on a shared
 inflate the host figures (its wall time would); torch runs on one thread here (the forward is tiny),
 so no worker thread's spinning is counted either.
 
-    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH] [--default-model]
+    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH [--rounds 3]] [--default-model]
 
-`--before PATH` then runs the same measurement on another checkout (e.g. `git worktree add /tmp/before
-<commit>`) in a subprocess, to report before and after in one run; `--tree PATH` measures only that one.
+`--before PATH` measures this checkout and another one (e.g. `git worktree add /tmp/before <commit>`),
+each in its own process, alternating over `--rounds` rounds, and prints the medians side by side as a
+table; `--tree PATH` measures only that one.
 `--default-model` adds end-to-end tokens/s of SmolLM2-135M guiding itself (16 prompts, 32 tokens each,
 greedy, float32), synchronous and asynchronous.
 """
@@ -114,10 +115,16 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tree", help="measure the padengine of this checkout instead")
     ap.add_argument("--async-scheduling", choices=["on", "off", "both"], default="both")
-    ap.add_argument("--before", help="then measure the padengine of this checkout too, in a subprocess")
+    ap.add_argument("--before", help="measure this checkout and that one, alternating, in subprocesses")
+    ap.add_argument("--rounds", type=int, default=3, help="with --before: rounds of both (medians reported)")
     ap.add_argument("--default-model", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.before:
+        compare(args)
+        if args.default_model:
+            end_to_end()
+        return
     if args.tree:
         sys.path.insert(0, args.tree)
     import logging
@@ -140,8 +147,7 @@ def main(argv=None) -> None:
                     row = measure(base, reward, batch, args.steps)
                 row["async"] = mode
                 rows.append(row)
-                split = "  ".join(f"{k} {row[k]:.3f}" for k in ("schedule", "layout", "upload/readback",
-                                                                 "bookkeeping", "other") if k in row)
+                split = "  ".join(f"{k} {row[k]:.3f}" for k in PHASES if k in row)
                 print(f"batch {batch:4d} async {str(mode):5s} host {row['host_ms']:.3f} ms/step "
                       f"(compute {row['compute_ms']:.3f})  {split}", flush=True)
     print(f"padengine from {padengine.__file__}", flush=True)
@@ -150,10 +156,38 @@ def main(argv=None) -> None:
             json.dump(rows, f, indent=1)
     if args.default_model:
         end_to_end()
-    if args.before:
-        cmd = [sys.executable, os.path.abspath(__file__), "--tree", args.before, "--steps", str(args.steps),
-               "--batches", *map(str, args.batches)]
-        subprocess.run(cmd, check=True)
+
+
+PHASES = ("schedule", "layout", "upload/readback", "bookkeeping", "other")
+
+
+def compare(args) -> None:
+    """This checkout and `args.before`, each in its own process, alternating round by round (ABBA...), so
+    that a noisy machine's drift falls on both; the median of each figure over the rounds."""
+    trees = {"now": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "before": args.before}
+    runs: dict[str, list] = {name: [] for name in trees}
+    for r in range(args.rounds):
+        for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--tree", trees[name], "--steps",
+                                str(args.steps), "--async-scheduling", args.async_scheduling, "--json", out.name,
+                                "--batches", *map(str, args.batches)], check=True, stdout=subprocess.DEVNULL)
+                runs[name].append({(row["batch"], row["async"]): row for row in json.load(open(out.name))})
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    print(f"host ms per decode step, median of {args.rounds} alternating rounds ({args.steps} steps each)")
+    print("| requests | loop | before | now | before / now | now by phase |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for key in runs["now"][0]:
+        now = {k: median([run[key][k] for run in runs["now"]]) for k in ("host_ms", *PHASES)}
+        before = median([run[key]["host_ms"] for run in runs["before"] if key in run] or [float("nan")])
+        split = ", ".join(f"{k} {now[k]:.3f}" for k in PHASES)
+        print(f"| {key[0]} | {'async' if key[1] else 'sync'} | {before:.3f} | {now['host_ms']:.3f} | "
+              f"{before / now['host_ms']:.2f}x | {split} |", flush=True)
+        rows.append(dict(batch=key[0], async_=key[1], before_ms=before, **now))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,16 @@ class Streams:
         self.view, self.countdown = {}, 0
         self.fresh_ids = (new, ids) if len(new) else ()
 
-    def advance(self, decode: list[Request], block_size: int) -> bool:
-        """One token further: a stream whose new position starts a block reads that block's id. Where
-        the arrays are a laid-out step's fields (`bind`), its slots and context lengths follow in place;
-        returns False where the tables had to widen, so the step must be laid out anew."""
-        self.pos += 1
-        if self.view:
-            self.view["context_lens"] += 1
-            self.view["slots"] += 1
+    def advance(self, decode: list[Request], block_size: int, moved: bool = False) -> bool:
+        """One token further (`moved`: the positions, slots and context lengths already are): a stream
+        whose new position starts a block reads that block's id. Where the arrays are a laid-out step's
+        fields (`bind`), its slots and context lengths follow in place; returns False where the tables had
+        to widen, so the step must be laid out anew."""
+        if not moved:
+            self.pos += 1
+            if self.view:
+                self.view["context_lens"] += 1
+                self.view["slots"] += 1
         self.countdown -= 1
         if self.countdown > 0:
             return True
@@ -149,6 +151,7 @@ class DecodeBatch:
         self.shape = None                   # its pad_to and width
         self.settled = False                # its ids and feed rows are those of a step after a steady one
         self.lens: list[np.ndarray | None] = []     # its context lengths per model
+        self.span: np.ndarray | None = None         # its fields that advance by one (None: it has padding)
 
     def reset(self) -> None:
         """The last step is not the one before the next (the general path laid one out, or it failed)."""
@@ -166,8 +169,12 @@ class DecodeBatch:
         else:
             self.prev_rows = None       # every row was the same row of the step before
         self.reqs = decode
-        level = [g.advance(decode, self.block_size) for g in (self.base, self.reward)]
-        self.rows["position"] += 1
+        moved = self.step is not None and self.span is not None
+        if moved:
+            self.span += 1          # every position, slot and context length, in one add
+        else:
+            self.rows["position"] += 1
+        level = [g.advance(decode, self.block_size, moved) for g in (self.base, self.reward)]
         if self.step is None or not all(level) or self.shape != (pad_to, width):
             self.step, self.shape = self._layout(decode, pad_to, width), (pad_to, width)
             self.settled = False
@@ -214,7 +221,7 @@ class DecodeBatch:
         # one width for every model's tables; eager steps round it up to a power of two, so that growing
         # contexts do not change the step's shape (and lay it out anew) whenever the longest starts a block
         w = width or 1 << (int(max(x["num_blocks"].max(initial=1) for x in groups)) - 1).bit_length()
-        fields, models = Fields(), []
+        fields, models, advancing = Fields(), [], []
         for m, members in enumerate(per_model):
             parts = [groups[g] for g in members]
             join = {k: np.concatenate([x[k] for x in parts]) for k in parts[0]}
@@ -230,13 +237,18 @@ class DecodeBatch:
             fields.add(f"ids{m}", join["ids"])
             if self.feed:
                 fields.add(f"feed{m}", join["feed"])
-            for name in ("positions", "slots"):
-                fields.add(f"{name}{m}", join[name])
             fields.add(f"tables{m}", np.concatenate(tables).reshape(-1), (count, w))
-            fields.add(f"context_lens{m}", join["context_lens"])
+            advancing += [(f"{name}{m}", join[name]) for name in ("positions", "slots", "context_lens")]
             models.append(dict(num_decode=count, query_lens=[1] * count, lens=join["context_lens"].tolist()))
         r, pad = self.rows, rows - n
         padded = lambda name, value: np.concatenate([r[name], np.full(pad, value, r[name].dtype)])
+        # the fields that advance by one every step, side by side: without padding streams (whose values
+        # stay) one add moves them all (and the alignment gaps between them, which nothing reads)
+        first = fields.sizes[0]
+        for name, values in advancing:
+            fields.add(name, values)
+        fields.add("position", padded("position", 0))
+        span = (first, fields.sizes[0]) if pad == 0 and num_rewards == len(self.reward.pos) else None
         fields.add("top_k", padded("top_k", 1))
         fields.add("seed", padded("seed", 0))
         fields.add("temperature", padded("temperature", 0.0), floating=True)
@@ -247,7 +259,6 @@ class DecodeBatch:
         if r["filters"].any():
             fields.add("top_p", padded("top_p", 1.0), floating=True)
             fields.add("min_p", padded("min_p", 0.0), floating=True)
-        fields.add("position", padded("position", 0))
         max_k = int(r["candidates"].max()) if n else 1
         num_top = int(r["num_top"].max()) if n else 0
         fields.pack()
@@ -260,6 +271,7 @@ class DecodeBatch:
                     group.bind({k[:-1]: v for k, v in views.items() if k.endswith(str(m))}, start)
                 start += len(groups[g]["ids"])
         self.rows["position"] = views["position"][:n]
+        self.span = None if span is None else fields.ints[span[0]:span[1]]
         self.lens = [None if h is None else views[f"context_lens{m}"] for m, h in enumerate(models)]
         return StepLayout(fields, models, rows, rows if p.shared else 0, num_rewards, max_k, num_top,
                           bool(r["base_logprobs"].any()), reusable=True)
