@@ -33,6 +33,11 @@ class Pending:
     parts: list[torch.Tensor] | None = None    # on the CPU: the rows' tensors themselves
 
 
+def pack(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The rows' parts side by side in one float64 tensor (token ids are exact in float64)."""
+    return torch.cat([p.double().view(n, -1) for p in parts], dim=1)
+
+
 class Readback:
     def __init__(self, device: torch.device):
         self.device = device
@@ -50,7 +55,7 @@ class Readback:
         width, has_base = s.top_ids.shape[1], result.base_logprobs is not None
         if self.device.type != "cuda":
             return Pending(None, None, width, has_base, parts)
-        packed = torch.cat([p.double().view(n, -1) for p in parts], dim=1)
+        packed = pack(parts, n)
         self.turn ^= 1
         buf = self.buffers[self.turn]
         if buf.numel() < packed.numel():
@@ -66,7 +71,8 @@ class Readback:
     def collect(pending: Pending) -> StepTokens:
         width, parts = pending.width, pending.parts
         if parts is None:
-            pending.done.synchronize()
+            if pending.done is not None:
+                pending.done.synchronize()
             columns = pending.host.t()
             parts = [columns[0].long(), columns[1], columns[2:2 + width].t(), columns[2 + width:2 + 2 * width].t(),
                      columns[-1]]
