@@ -18,12 +18,20 @@ the general path, or one that fails, resets the batch: its next step reads every
 import numpy as np
 
 from padengine.distributed.placement import Placement
+from padengine.engine.sampling_fields import ROW_PADDING
 from padengine.engine.sequence import PENDING, Request
 from padengine.engine.step_inputs import Fields, StepLayout
 
-ROW_FIELDS = (("top_k", np.int64), ("seed", np.int64), ("temperature", np.float32), ("top_p", np.float32),
-              ("min_p", np.float32), ("candidates", np.int64), ("num_top", np.int64), ("base_logprobs", bool),
-              ("filters", bool), ("position", np.int64))
+# the per-row fields: name, dtype, and its value for a request (given the vocabulary size)
+ROW_FIELDS = (("top_k", np.int64, lambda r, vocab: r.params.top_k), ("seed", np.int64, lambda r, vocab: r.seed),
+              ("temperature", np.float32, lambda r, vocab: r.params.temperature),
+              ("top_p", np.float32, lambda r, vocab: r.params.top_p),
+              ("min_p", np.float32, lambda r, vocab: r.params.min_p),
+              ("candidates", np.int64, lambda r, vocab: r.params.num_candidates(vocab)),
+              ("num_top", np.int64, lambda r, vocab: r.params.top_logprobs),
+              ("base_logprobs", bool, lambda r, vocab: r.params.base_logprobs),
+              ("filters", bool, lambda r, vocab: r.params.filters),
+              ("position", np.int64, lambda r, vocab: r.num_drawn - 1))     # one behind, as new streams
 
 
 class Streams:
@@ -144,7 +152,7 @@ class DecodeBatch:
     def __init__(self, placement: Placement, block_size: int, sink: int, vocab: int, feed: bool):
         self.placement, self.block_size, self.sink, self.vocab, self.feed = placement, block_size, sink, vocab, feed
         self.base, self.reward = Streams(sink, 0), Streams(sink, 1)
-        self.rows = {name: np.zeros(0, dtype) for name, dtype in ROW_FIELDS}
+        self.rows = {name: np.zeros(0, dtype) for name, dtype, _ in ROW_FIELDS}
         self.reqs: list[Request] = []       # the last step's decoding requests, in row order
         self.prev_rows: np.ndarray | None = None     # each row's sampler row in the step before (None: the same)
         self.step: StepLayout | None = None   # the last step, whose fields the arrays are (None: none such)
@@ -197,17 +205,12 @@ class DecodeBatch:
         for g in (self.base, self.reward):
             g.regroup(decode, prev, len(old))
         kept, new = np.flatnonzero(prev >= 0), np.flatnonzero(prev < 0)
-        for name, dtype in ROW_FIELDS:
+        fresh = [decode[i] for i in new.tolist()]
+        for name, dtype, value in ROW_FIELDS:
             values = np.zeros(len(decode), dtype)
             values[kept] = self.rows[name][prev[kept]]
+            values[new] = [value(r, self.vocab) for r in fresh]
             self.rows[name] = values
-        for i in new.tolist():
-            r, p = decode[i], decode[i].params
-            for name, value in (("top_k", p.top_k), ("seed", r.seed), ("temperature", p.temperature),
-                                ("top_p", p.top_p), ("min_p", p.min_p), ("candidates", p.num_candidates(self.vocab)),
-                                ("num_top", p.top_logprobs), ("base_logprobs", p.base_logprobs),
-                                ("filters", p.filters), ("position", r.num_drawn - 1)):
-                self.rows[name][i] = value
         self.prev_rows = np.array(rows, np.int64)
         self.step = None
 
@@ -241,24 +244,24 @@ class DecodeBatch:
             advancing += [(f"{name}{m}", join[name]) for name in ("positions", "slots", "context_lens")]
             models.append(dict(num_decode=count, query_lens=[1] * count, lens=join["context_lens"].tolist()))
         r, pad = self.rows, rows - n
-        padded = lambda name, value: np.concatenate([r[name], np.full(pad, value, r[name].dtype)])
+        padded = lambda name: np.concatenate([r[name], np.full(pad, ROW_PADDING[name], r[name].dtype)])
         # the fields that advance by one every step, side by side: without padding streams (whose values
         # stay) one add moves them all (and the alignment gaps between them, which nothing reads)
         first = fields.sizes[0]
         for name, values in advancing:
             fields.add(name, values)
-        fields.add("position", padded("position", 0))
+        fields.add("position", padded("position"))
         span = (first, fields.sizes[0]) if pad == 0 and num_rewards == len(self.reward.pos) else None
-        fields.add("top_k", padded("top_k", 1))
-        fields.add("seed", padded("seed", 0))
-        fields.add("temperature", padded("temperature", 0.0), floating=True)
+        fields.add("top_k", padded("top_k"))
+        fields.add("seed", padded("seed"))
+        fields.add("temperature", padded("temperature"), floating=True)
         if num_rewards:
             extra = num_rewards - len(self.reward.pos)
             fields.add("owner", np.concatenate([self.reward.owner, np.full(extra, rows, np.int64)]))
             fields.add("weights", np.concatenate([self.reward.weight, np.zeros(extra, np.float32)]), floating=True)
         if r["filters"].any():
-            fields.add("top_p", padded("top_p", 1.0), floating=True)
-            fields.add("min_p", padded("min_p", 0.0), floating=True)
+            fields.add("top_p", padded("top_p"), floating=True)
+            fields.add("min_p", padded("min_p"), floating=True)
         max_k = int(r["candidates"].max()) if n else 1
         num_top = int(r["num_top"].max()) if n else 0
         fields.pack()

@@ -13,7 +13,7 @@ from padengine.engine.sequence import PENDING, Request
 
 @dataclass
 class SamplingFields:
-    """The sampler's per-request fields of a batch, which stay the same while its requests do."""
+    """The sampler's per-request fields of a batch and its step-wide settings."""
     values: list[tuple[str, list, bool]]      # (name, values, floating)
     max_k: int
     num_top: int
@@ -21,18 +21,24 @@ class SamplingFields:
     penalized: bool
 
 
+# what a padding row (a CUDA graph's spare rows) holds in each per-row sampler field: greedy, no filter
+ROW_PADDING = {"top_k": 1, "seed": 0, "temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "position": 0}
+
+
 def sampling_fields(reqs: list[Request], owners: list[tuple], rows: int, num_rewards: int,
                      vocab: int) -> SamplingFields:
     pad = rows - len(reqs)
     p = [r.params for r in reqs]
-    values = [("top_k", [x.top_k for x in p] + [1] * pad, False), ("seed", [r.seed for r in reqs] + [0] * pad, False),
-              ("temperature", [x.temperature for x in p] + [0.0] * pad, True)]
+    padded = lambda name, values: values + [ROW_PADDING[name]] * pad
+    values = [("top_k", padded("top_k", [x.top_k for x in p]), False),
+              ("seed", padded("seed", [r.seed for r in reqs]), False),
+              ("temperature", padded("temperature", [x.temperature for x in p]), True)]
     if num_rewards:
         values += [("owner", [i for i, _, _ in owners] + [rows] * (num_rewards - len(owners)), False),
                    ("weights", [w for _, _, w in owners] + [0.0] * (num_rewards - len(owners)), True)]
     if any(x.filters for x in p):
-        values += [("top_p", [x.top_p for x in p] + [1.0] * pad, True),
-                   ("min_p", [x.min_p for x in p] + [0.0] * pad, True)]
+        values += [("top_p", padded("top_p", [x.top_p for x in p]), True),
+                   ("min_p", padded("min_p", [x.min_p for x in p]), True)]
     return SamplingFields(values, max((x.num_candidates(vocab) for x in p), default=1),
                           max((x.top_logprobs for x in p), default=0), any(x.base_logprobs for x in p),
                           any(x.penalized for x in p))

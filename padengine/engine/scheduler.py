@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.readback import StepTokens
-from padengine.engine.sequence import PENDING, Request, Status
+from padengine.engine.sequence import Request, Status
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,10 @@ class Scheduler:
         while self.running:         # the hot loop: one pass per running request, no per-token work
             req = self.running.popleft()
             kept.append(req)
-            base = req.base
             if not req.decodes:
                 chunking.append(req)    # its chunked prefill goes on
                 continue
-            if len(base.token_ids) - base.num_prompt_tokens >= req.params.max_tokens:
+            if req.num_drawn >= req.params.max_tokens:
                 continue                # its pending token is its last
             for s in req.streams:
                 if len(s.token_ids) > len(s.block_table) * bs:     # its last token starts a block
@@ -101,15 +100,13 @@ class Scheduler:
     def commit(self, batch: Batch) -> None:
         """The step is launched: its streams' KV is (being) written, and each sampled request holds a
         PENDING token until `postprocess` reads it."""
-        for row, req in enumerate(batch.decode):
+        for req in batch.decode:
             for s in req.streams:       # a decoding stream computes its last token
                 s.num_computed_tokens = len(s.token_ids)
-                s.token_ids.append(PENDING)
-            req.pending_row = row
         for req in batch.prefill:
             for s in req.streams:
                 s.num_computed_tokens = s.step_end
-        for row, req in enumerate(batch.sampled[len(batch.decode):], len(batch.decode)):
+        for row, req in enumerate(batch.sampled):
             req.reserve(row)
         for req in batch.prefill:
             req.decodes = not req.is_prefilling

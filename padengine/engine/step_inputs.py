@@ -21,7 +21,7 @@ import torch
 from padengine.distributed.placement import Placement
 from padengine.engine.sequence import PENDING, Request, Sequence
 from padengine.layers.attention import AttnBatch
-from padengine.engine.sampling_fields import penalty_fields, sampling_fields
+from padengine.engine.sampling_fields import ROW_PADDING, penalty_fields, sampling_fields
 from padengine.layers.sampler import Sample
 
 
@@ -80,7 +80,7 @@ def _join(parts: list, dtype) -> np.ndarray:
 
 
 class Uploader:
-    """Host lists to device tensors, one copy each; on CUDA through a pinned buffer per dtype, reused:
+    """Host arrays to device tensors, one copy each; on CUDA through a pinned buffer per dtype, reused:
     before refilling one, the host waits for the event recorded after its last copy (a step that
     samples nothing ends without reading results, so nothing else guarantees that copy is done)."""
 
@@ -200,7 +200,7 @@ def layout_step(decode: list[Request], prefill: list[Request], placement: Placem
     static = sampling_fields(reqs, owners, rows, num_rewards, vocab)
     for name, values, floating in static.values:
         fields.add(name, values, floating=floating)
-    fields.add("position", [r.num_drawn for r in reqs] + [0] * (rows - len(reqs)))
+    fields.add("position", [r.num_drawn for r in reqs] + [ROW_PADDING["position"]] * (rows - len(reqs)))
     if static.penalized:
         penalty_fields(fields, reqs, rows, feed)
     return StepLayout(fields, models, rows, rows if placement.shared else 0, num_rewards, static.max_k,
