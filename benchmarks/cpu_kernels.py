@@ -3,13 +3,15 @@
 ops   each op at batch 16 and 64, context 512 and 2048, SmolLM2-135M (9 q / 3 kv heads) and Llama-3.2-1B
       (32 / 8) shapes: decode attention with its KV write (one layer), the PAD sampler (top-k 10, a reward
       row each), RMSNorm with the residual add, rotary, SiLU-and-multiply and the layer's matmuls.
+linear  a layer's four matmuls at 1-16 rows: oneDNN's packed matmul (the "cpp" column) against torch's
+      F.linear, which `kernels="cpp"` keeps for float32 products of at most csrc.ops.GEMV_ROWS rows.
 step  the default model's decode step (forward, LM head, sampler) for 8 requests guiding themselves (16
-      rows), at contexts 128 / 1024 / 2048: kernels="torch" vs "cpp", the step's matmuls alone, and the
-      attention + KV write + sampler part alone.
+      rows), at contexts 128 / 1024 / 2048: kernels="torch" vs "cpp", the step's linear layers alone, and the
+      attention + KV write + sampler part alone; then the cpp step once more, each op timed where it runs.
 
 Each figure is the median of --reps timed runs (torch and cpp interleaved), with the range beside it.
 
-    python benchmarks/cpu_kernels.py [--only ops|step] [--dtype float32 bfloat16] [--reps 5] [--json FILE]
+    python benchmarks/cpu_kernels.py [--only ops|linear|step] [--dtype float32 bfloat16] [--reps 5] [--json FILE]
     (the README's tables: `--reps 5`, all defaults)
 """
 import argparse
@@ -22,10 +24,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from csrc.ops import packed_linear  # noqa: E402
 from padengine import Engine  # noqa: E402
 from padengine.default_model import default_model_path  # noqa: E402
 from padengine.kernels import get_ops  # noqa: E402
 from padengine.layers.attention import AttnBatch  # noqa: E402
+from padengine.layers.linear import Linear  # noqa: E402
+from padengine.layers.rotary import RotaryEmbedding  # noqa: E402
+from padengine.models.llama import MLP, Attention, RMSNorm  # noqa: E402
 
 SHAPES = {  # hidden, q heads, kv heads, head dim, intermediate, vocab
     "SmolLM2-135M": (576, 9, 3, 64, 1536, 49152),
@@ -95,6 +101,22 @@ def op_rows(dtype, reps, shapes, batches, contexts):
     return out
 
 
+def linear_rows(dtype, reps, shapes, rows=(1, 2, 4, 8, 16)):
+    """A layer's four matmuls: torch's F.linear against the packed matmul, whatever the row count."""
+    out = []
+    for shape in shapes:
+        hidden, heads, kv_heads, dim, inter, _ = SHAPES[shape]
+        weights = [torch.randn(n, k_).to(dtype) * 0.02 for n, k_ in
+                   ((heads * dim + 2 * kv_heads * dim, hidden), (hidden, heads * dim), (2 * inter, hidden),
+                    (hidden, inter))]
+        for m in rows:
+            inputs = [torch.randn(m, wt.shape[1]).to(dtype) for wt in weights]
+            calls = {name: (lambda f=f: [f(a, wt) for a, wt in zip(inputs, weights)])
+                     for name, f in (("torch", torch.nn.functional.linear), ("cpp", packed_linear))}
+            out.append((shape, m, "-", "layer matmuls, packed", timed(calls, reps, inner=5)))
+    return out
+
+
 class Step:
     """One decode step of a model guiding itself, on an engine's own model and KV pool (random K/V)."""
 
@@ -119,6 +141,8 @@ class Step:
         self.q = torch.randn(self.rows, c.num_heads, c.head_dim).to(self.dtype)
         self.k = torch.randn(self.rows, c.num_kv_heads, c.head_dim).to(self.dtype)
         self.logits = torch.randn(self.requests, c.vocab_size).to(self.dtype), torch.randn(self.requests, c.vocab_size)
+        self.matmul_inputs = [torch.randn(self.rows, n).to(self.dtype) for n in
+                              (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size)]
 
     @torch.inference_mode()
     def full(self):
@@ -128,13 +152,11 @@ class Step:
 
     @torch.inference_mode()
     def matmuls(self):
-        """The step's matmuls alone, on inputs of their shapes."""
-        c, ops = self.model.config, self.runner.ops
-        x = torch.randn(self.rows, c.hidden_size).to(self.dtype)
+        """The step's linear layers alone (the LM head's included), on inputs of their shapes made once."""
+        x, attended, act = self.matmul_inputs
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            a.qkv_proj(x), a.o_proj(x.new_zeros(self.rows, c.num_heads * c.head_dim))
-            m.down_proj(ops.silu_and_mul(m.gate_up_proj(x)))
+            a.qkv_proj(x), a.o_proj(attended), m.gate_up_proj(x), m.down_proj(act)
         self.model.lm_head(x)
 
     @torch.inference_mode()
@@ -147,6 +169,48 @@ class Step:
         ops.sample(*self.logits, *self.params, max_k=10)
 
 
+    def breakdown(self, reps: int) -> dict:
+        """Median ms per part of `full`, each op timed where it runs in the step (inputs as the step leaves
+        them, not warm in cache): the linear layers, attention, KV write, norms, rotary, SiLU-and-multiply,
+        the sampler, and the rest (Python, views, the embedding)."""
+        spent = {}
+
+        def timing(fn, part):
+            def timed_call(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
+            return timed_call
+        wrapped = [(self.runner, "sample", "sampler")]
+        for m in self.model.modules():
+            wrapped += [(m, "forward", "linear")] if isinstance(m, Linear) else \
+                [(m, "forward", "norm")] if isinstance(m, RMSNorm) else \
+                [(m, "forward", "rotary")] if isinstance(m, RotaryEmbedding) else \
+                [(m, "store", "KV write"), (m, "attend", "attention")] if isinstance(m, Attention) else \
+                [(m, "act", "SiLU and mul")] if isinstance(m, MLP) else []
+        saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in wrapped]   # instance attributes, or None
+        for obj, name, part in wrapped:
+            obj.__dict__[name] = timing(getattr(obj, name), part)
+        runs = []
+        try:
+            for _ in range(reps + 1):
+                spent.clear()
+                start = time.perf_counter()
+                self.full()
+                runs.append({"step": time.perf_counter() - start, **spent})
+        finally:
+            for obj, name, own in saved:
+                if own is None:
+                    del obj.__dict__[name]
+                else:
+                    obj.__dict__[name] = own
+        med = {k: statistics.median(r[k] for r in runs[1:]) * 1e3 for k in runs[-1]}
+        med["rest"] = 2 * med["step"] - sum(med.values())
+        return med
+
+
 def step_rows(dtype, reps, path, ctxs, requests=8):
     steps = {k: Step(path, dtype, k, list(ctxs), requests) for k in ("torch", "cpp")}
     out = []
@@ -156,6 +220,12 @@ def step_rows(dtype, reps, path, ctxs, requests=8):
         for part in ("full", "attention_and_sampler", "matmuls"):
             fns = {k: getattr(s, part) for k, s in steps.items()}
             out.append(("default model", 2 * requests, ctx, part, timed(fns, reps)))
+        cpp = steps["cpp"]
+        pair = timed({"step": cpp.full, "matmuls": cpp.matmuls}, 2 * reps)    # alternating: one drift for both
+        parts = cpp.breakdown(reps)
+        print(f"ctx {ctx}: the cpp step takes {pair['step'][0] / pair['matmuls'][0]:.2f}x its linear layers' time "
+              f"({pair['step'][0]:.1f} / {pair['matmuls'][0]:.1f} ms, alternating); op by op in place (ms): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     return out
 
 
@@ -170,7 +240,7 @@ def show(rows, dtype):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["ops", "step"])
+    p.add_argument("--only", choices=["ops", "linear", "step"])
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--shapes", nargs="+", default=["SmolLM2-135M", "Llama-3.2-1B"], choices=list(SHAPES))
@@ -182,10 +252,11 @@ def main():
     args = p.parse_args()
     results = {}
     for dtype in args.dtype:
-        rows = [] if args.only == "step" else op_rows(getattr(torch, dtype), args.reps, args.shapes, args.batches,
-                                                      args.op_contexts)
-        rows += [] if args.only == "ops" else step_rows(dtype, args.reps, args.model or default_model_path(),
-                                                        args.contexts)
+        only = lambda part: args.only in (None, part)
+        rows = op_rows(getattr(torch, dtype), args.reps, args.shapes, args.batches, args.op_contexts) \
+            if only("ops") else []
+        rows += linear_rows(getattr(torch, dtype), args.reps, args.shapes) if only("linear") else []
+        rows += step_rows(dtype, args.reps, args.model or default_model_path(), args.contexts) if only("step") else []
         show(rows, dtype)
         results[dtype] = [dict(shape=s, batch=b, ctx=c, op=o, **{k: v for k, v in t.items()}) for s, b, c, o, t in rows]
     if args.json:

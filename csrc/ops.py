@@ -4,7 +4,8 @@ AttnBatch, an optional residual, a Sample) and leaves the work to one op.
 
 Its `linear` is not ours: oneDNN's matmul on a weight reordered once into oneDNN's blocked layout (what
 inductor's frozen CPU linear runs), measured 1.2-7x faster than torch's default for a decode step's
-row counts here (benchmarks/cpu_kernels.py), and kept per weight until the weight changes.
+row counts here (benchmarks/cpu_kernels.py), and kept per weight until the weight changes; float32
+products of one or two rows stay torch's matrix-vector path, which is faster there.
 """
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,20 @@ from padengine.layers.sampler import Sample
 _ops = torch.ops.padengine
 _packed = WeakIdKeyDictionary()         # weight -> (its version when packed, the packed weight)
 _PACKABLE = {torch.float32, torch.bfloat16}     # oneDNN's float16 path needs AVX-512 FP16
+GEMV_ROWS = 2
 
 
 def linear(x, weight, bias=None):
-    """As F.linear."""
+    """As F.linear: the packed matmul, except float32 products of at most GEMV_ROWS rows, where torch's
+    matrix-vector path measured 1.2-2x faster on a layer's weights (`benchmarks/cpu_kernels.py --only
+    linear`; bfloat16 is faster packed at every row count)."""
+    if weight.dtype == torch.float32 and x.numel() <= GEMV_ROWS * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    return packed_linear(x, weight, bias)
+
+
+def packed_linear(x, weight, bias=None):
+    """As F.linear, through oneDNN's matmul on the weight reordered once (again when it changes in place)."""
     if weight.dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
         return F.linear(x, weight, bias)
     entry = _packed.get(weight)

@@ -1,6 +1,7 @@
 """The C++ CPU kernels (csrc/) against the torch layers they stand in for, on fresh random inputs: paged
 attention (decode and prefill in one call, GQA ratios 1/3/4, block sizes 1/16/32, windows, ragged and
-long split contexts), the KV write, RMSNorm, rotary and SiLU-and-multiply; and the build-failure path.
+long split contexts), the KV write, the linear layers, RMSNorm, rotary and SiLU-and-multiply; and the
+build-failure path.
 
 The kernels are built on first use (once per machine; cached under $PADENGINE_CACHE/kernels).
 """
@@ -97,6 +98,25 @@ def test_write_kv_matches_torch(cpp):
     assert all(torch.equal(a, b) for a, b in zip(caches, expected))
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpp.write_kv(*caches, k, v, slots + 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch_and_follows_weight_changes(cpp, dtype, bias):
+    """Row counts on both sides of csrc.ops.GEMV_ROWS (float32 products that small stay F.linear, the rest
+    are packed), and a weight changed in place, which is packed again."""
+    from csrc import ops
+    torch.manual_seed(4)
+    weight = (0.1 * torch.randn(40, 24)).to(dtype)
+    b = (0.1 * torch.randn(40)).to(dtype) if bias else None
+    packed_now = lambda: ops._packed.get(weight, (None,))[0] == weight._version
+    for _ in range(2):
+        for rows in (1, 2, 3, 16):
+            x = torch.randn(rows, 24).to(dtype)
+            torch.testing.assert_close(cpp.linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
+                                       atol=TOL[dtype], rtol=TOL[dtype])
+            assert packed_now() == (dtype != torch.float32 or rows > ops.GEMV_ROWS), rows
+        weight.mul_(-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
