@@ -15,16 +15,15 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 
-from padengine.config import CPU_KV_BYTES, DEFAULT_BATCHED_TOKENS, GPU_KV_FRACTION, EngineConfig
+from padengine.config import DEFAULT_BATCHED_TOKENS, EngineConfig
 from padengine.distributed.parallel import check_splits, rank_shards
 from padengine.distributed.placement import place
 from padengine.distributed.sampler import split_sample, tp_logprobs
 from padengine.distributed.workers import Workers
-from padengine.engine.block_manager import BlockManager
 from padengine.engine.cuda_graphs import DecodeGraphs
 from padengine.engine.decode_batch import DecodeBatch
+from padengine.engine.kv_pool import allocate_kv
 from padengine.engine.readback import Pending, Readback, StepTokens
 from padengine.engine.scheduler import Batch
 from padengine.engine.sequence import Request
@@ -94,62 +93,13 @@ class ModelRunner:
             self.value_head = value_head.load(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
         self.windows = [c.sliding_window for c in model_cfgs]
-        self.pools = self._allocate_kv()
+        self.pools, self.sink = allocate_kv(cfg, self.models, self.device, self.placement.world_size,
+                                            self.max_batched_tokens, self.max_model_len)
 
     def close(self) -> None:
         """Stop the other ranks' worker processes (a no-op on one rank)."""
         if self.workers is not None:
             self.workers.close()
-
-    def _activation_bytes(self, elem: int) -> int:
-        """About the most one step's activations take: every model (they run at once on two streams)
-        over a step's tokens (prefill chunks fill what decoding leaves of max_batched_tokens; allow one
-        decode row more per sequence for a step whose decoding alone passes it), at its widest point
-        (residual, normed input and the MLP's gate/up and product, or the attention projections)."""
-        tokens, total = self.max_batched_tokens + self.cfg.max_num_seqs, 0
-        for m in filter(None, self.models):
-            c = m.config
-            attn = 2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
-            total += tokens * (2 * c.hidden_size + max(3 * c.intermediate_size, attn)) * elem
-        return total
-
-    def _allocate_kv(self) -> list[BlockManager]:
-        cfg, bs = self.cfg, self.cfg.block_size
-        elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
-        kv_heads = [0 if m is None else m.tp.heads(m.config.num_heads, m.config.num_kv_heads)[1]
-                    for m in self.models]
-        block_bytes = [0 if m is None else 2 * m.config.num_layers * bs * h * m.config.head_dim * elem
-                       for m, h in zip(self.models, kv_heads)]
-        num_blocks = cfg.num_kv_blocks
-        if num_blocks is None:
-            budget = cfg.kv_cache_bytes
-            if budget is None and self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                peak = self._activation_bytes(elem)
-                require(peak < free, "max_num_batched_tokens", f"a step's activations need about "
-                        f"{peak / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free: lower it")
-                budget = int((free - peak) * GPU_KV_FRACTION)
-            elif budget is None:
-                full = cfg.max_num_seqs * 2 * -(-self.max_model_len // bs) * sum(block_bytes)
-                budget = min(CPU_KV_BYTES, full)
-            num_blocks = budget // sum(block_bytes)
-            require(num_blocks >= 1, "kv_cache_bytes", f"{budget} bytes hold no block of {sum(block_bytes)} bytes")
-        if self.placement.world_size > 1:       # every rank's pools have the same blocks: the fewest any fits
-            agreed = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-            num_blocks = int(agreed)
-        self.sink = num_blocks      # one more block, owned by no sequence: padded graph rows write there
-        for model, heads, nbytes in zip(self.models, kv_heads, block_bytes):
-            if model is None:
-                continue
-            c = model.config
-            # zeroed, not empty: masked-out padding still enters attention as 0 * V, and 0 * NaN is NaN
-            kv = torch.zeros(2, c.num_layers, num_blocks + 1, bs, heads, c.head_dim,
-                             dtype=cfg.torch_dtype, device=self.device)
-            for i, layer in enumerate(model.model.layers):
-                layer.self_attn.k_cache, layer.self_attn.v_cache = kv[0, i], kv[1, i]
-            logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * nbytes / 2**20)
-        return [BlockManager(num_blocks, bs) for _ in self.models]
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> Pending:
