@@ -5,7 +5,8 @@ Triton paged decode attention against torch SDPA on already-gathered KV; each be
 its inputs once at the measured copy bandwidth. End to end: random bf16 models of Llama-3.2-1B and
 Llama-3-8B shape built on the GPU, base + reward, 128 new tokens, per batch size: engine ms/step and
 tokens/s, the engine with the base model alone, the transformers PAD loop (benchmarks/baselines, left-
-padded batch), and the weight-read floor (both models' weight bytes / copy bandwidth).
+padded batch), the synchronous loop (`async_scheduling=False`, the engine column being the asynchronous
+one, CUDA's default), and the weight-read floor (both models' weight bytes / copy bandwidth).
 
     PYTHONPATH=. python benchmarks/gpu_bench.py --json out.json
     PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --shapes tiny --skip-kernels   # a smoke run
@@ -119,7 +120,7 @@ def random_model(path, cfg, max_len, dtype, device, field, ops=None, tp=None):
     return model.eval()
 
 
-def engine_for(folder, reward: bool, device, kernels, batch, graphs=None, **layout) -> Engine:
+def engine_for(folder, reward: bool, device, kernels, batch, graphs=None, asynchronous=None, **layout) -> Engine:
     """`layout`: tensor_parallel_size / reward_device; with several processes the weights come from the
     folder's files (written by `save_random`), since mock patches do not reach the workers."""
     with contextlib.ExitStack() as patches:
@@ -130,7 +131,7 @@ def engine_for(folder, reward: bool, device, kernels, batch, graphs=None, **layo
         reward_folder = os.path.join(folder, "reward") if reward else None
         return Engine(os.path.join(folder, "base"), reward_folder, device=device, dtype="bfloat16",
                       max_model_len=PROMPT_LEN + 160, max_num_seqs=max(batch, 1), kernels=kernels,
-                      cuda_graphs=graphs, **layout)
+                      cuda_graphs=graphs, async_scheduling=asynchronous, **layout)
 
 
 def save_random(folder, hf_config) -> None:
@@ -158,8 +159,9 @@ def ms_per_step(engine, prompts, max_tokens) -> float:
     return sum(o.metrics.time_per_output_token for o in outs) / len(outs) * 1e3
 
 
-def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, graphs=None, **layout) -> float:
-    engine = engine_for(folder, reward, device, kernels, batch, graphs, **layout)
+def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, graphs=None, asynchronous=None,
+              **layout) -> float:
+    engine = engine_for(folder, reward, device, kernels, batch, graphs, asynchronous, **layout)
     ms = ms_per_step(engine, prompts, max_tokens)
     engine.close()
     del engine
@@ -206,13 +208,14 @@ def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches, layout):
             prompts = [torch.randint(0, cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist() for _ in range(batch)]
             pad_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens)
             eager_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, graphs=False)
+            sync_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, asynchronous=False)
             base_ms = engine_ms(folder, False, device, kernels, batch, prompts, max_tokens)
             tp_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, **layout) if layout else None
             hf_ms = hf_ms_per_step(cfg, device, prompts, max_tokens)
             gc.collect()
             floor = 2 * model_bytes(cfg) / bandwidth * 1e3       # base and reward
             yield dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
-                       eager_ms=eager_ms, tp_ms=tp_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3,
+                       eager_ms=eager_ms, sync_ms=sync_ms, tp_ms=tp_ms, base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3,
                        floor_ms=floor, vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
 
 
@@ -243,15 +246,16 @@ def main():
                   f"| {r['floor_ms']:.3f} | {r['triton_ms'] / r['floor_ms']:.1f}x |")
     tp_head = f"| {tp_name} ms/step (eager) | {tp_name} - eager ms " if layout else ""
     print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | without graphs ms/step "
+          "| synchronous loop ms/step "
           f"{tp_head}| base alone ms/step | transformers ms/step | transformers tok/s | floor ms | engine / floor "
           "| engine vs transformers |")
-    print("|---" * (13 if layout else 11) + "|", flush=True)
+    print("|---" * (14 if layout else 12) + "|", flush=True)
     for shape in args.shapes:
         for r in end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels, BATCHES[shape], layout):
             result["end_to_end"].append(r)
             tp_cells = f"| {r['tp_ms']:.2f} | {r['tp_ms'] - r['eager_ms']:+.2f} " if layout else ""
             print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} "
-                  f"| {r['eager_ms']:.2f} {tp_cells}| {r['base_alone_ms']:.2f} | {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
+                  f"| {r['eager_ms']:.2f} | {r['sync_ms']:.2f} {tp_cells}| {r['base_alone_ms']:.2f} | {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
                   f"| {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x | {r['vs_hf']:.1f}x |", flush=True)
             if args.json:       # after every row, so a run cut short keeps what it measured
                 with open(args.json, "w") as f:

@@ -16,8 +16,10 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
     stdout = run(["benchmarks/gpu_bench.py", "--device", "cpu", "--shapes", "tiny", "--skip-kernels",
                   "--kernels", "torch", "--max-tokens", "4", "--json", str(tmp_path / "gpu.json")], tmp_path)
     rows = json.loads((tmp_path / "gpu.json").read_text())["end_to_end"]
-    assert [r["batch"] for r in rows] == [1, 2] and all(r["engine_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
-    assert "| tiny | 2 |" in stdout
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["engine_ms"] > 0 and r["sync_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert "| tiny | 2 |" in stdout and len({line.count("|") for line in table}) == 1    # header, rule, rows agree
 
 
 def test_throughput_smoke(llama, persrm, tmp_path):
