@@ -117,6 +117,12 @@ def linear_rows(dtype, reps, shapes, rows=(1, 2, 4, 8, 16)):
     return out
 
 
+# what Step.breakdown times: (module type, ((its attribute, the part it is counted in), ...))
+STEP_PARTS = ((Linear, (("forward", "linear"),)), (RMSNorm, (("forward", "norm"),)),
+              (RotaryEmbedding, (("forward", "rotary"),)), (Attention, (("store", "KV write"), ("attend", "attention"))),
+              (MLP, (("act", "SiLU and mul"),)))
+
+
 class Step:
     """One decode step of a model guiding itself, on an engine's own model and KV pool (random K/V)."""
 
@@ -168,7 +174,6 @@ class Step:
             ops.attention(self.q, a.k_cache, a.v_cache, self.batch, a.scale)
         ops.sample(*self.logits, *self.params, max_k=10)
 
-
     def breakdown(self, reps: int) -> dict:
         """Median ms per part of `full`, each op timed where it runs in the step (inputs as the step leaves
         them, not warm in cache): the linear layers, attention, KV write, norms, rotary, SiLU-and-multiply,
@@ -183,13 +188,9 @@ class Step:
                 finally:
                     spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
             return timed_call
-        wrapped = [(self.runner, "sample", "sampler")]
-        for m in self.model.modules():
-            wrapped += [(m, "forward", "linear")] if isinstance(m, Linear) else \
-                [(m, "forward", "norm")] if isinstance(m, RMSNorm) else \
-                [(m, "forward", "rotary")] if isinstance(m, RotaryEmbedding) else \
-                [(m, "store", "KV write"), (m, "attend", "attention")] if isinstance(m, Attention) else \
-                [(m, "act", "SiLU and mul")] if isinstance(m, MLP) else []
+        wrapped = [(self.runner, "sample", "sampler")] + [
+            (m, name, part) for m in self.model.modules() for kind, names in STEP_PARTS if isinstance(m, kind)
+            for name, part in names]
         saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in wrapped]   # instance attributes, or None
         for obj, name, part in wrapped:
             obj.__dict__[name] = timing(getattr(obj, name), part)
@@ -207,7 +208,7 @@ class Step:
                 else:
                     obj.__dict__[name] = own
         med = {k: statistics.median(r[k] for r in runs[1:]) * 1e3 for k in runs[-1]}
-        med["rest"] = 2 * med["step"] - sum(med.values())
+        med["rest"] = med["step"] - sum(v for k, v in med.items() if k != "step")
         return med
 
 
