@@ -119,8 +119,8 @@ def linear_rows(dtype, reps, shapes, rows=(1, 2, 4, 8, 16)):
 
 # what Step.breakdown times: (module type, ((its attribute, the part it is counted in), ...))
 STEP_PARTS = ((Linear, (("forward", "linear"),)), (RMSNorm, (("forward", "norm"),)),
-              (RotaryEmbedding, (("forward", "rotary"),)), (Attention, (("store", "KV write"), ("attend", "attention"))),
-              (MLP, (("act", "SiLU and mul"),)))
+              (RotaryEmbedding, (("forward", "rotary"),)),
+              (Attention, (("store", "KV write"), ("attend", "attention"))), (MLP, (("act", "SiLU and mul"),)))
 
 
 class Step:

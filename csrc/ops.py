@@ -3,9 +3,10 @@ signatures: the "cpp" op set of `padengine.kernels`. Each function adapts the en
 AttnBatch, an optional residual, a Sample) and leaves the work to one op.
 
 Its `linear` is not ours: oneDNN's matmul on a weight reordered once into oneDNN's blocked layout (what
-inductor's frozen CPU linear runs), measured 1.2-7x faster than torch's default for a decode step's
-row counts here (benchmarks/cpu_kernels.py), and kept per weight until the weight changes; float32
-products of one or two rows stay torch's matrix-vector path, which is faster there.
+inductor's frozen CPU linear runs), measured 1.03-2.1x faster than torch's default for a layer's float32
+matmuls from 4 rows up (`benchmarks/cpu_kernels.py --only ops` and `--only linear`), and kept per weight
+until the weight changes; float32 products of one or two rows stay torch's matrix-vector path, which is
+faster there.
 """
 import torch
 import torch.nn.functional as F

@@ -37,7 +37,8 @@ def test_cpu_kernels_smoke(llama, tmp_path):
                   "--contexts", "8", "20", "--reps", "1", "--dtype", "float32", "--json", str(tmp_path / "k.json")],
                  tmp_path)
     rows = json.loads((tmp_path / "k.json").read_text())["float32"]
-    assert {r["op"] for r in rows} >= {"attention + KV write", "PAD sampler", "layer matmuls, packed", "full", "matmuls"}
+    assert {r["op"] for r in rows} >= {"attention + KV write", "PAD sampler", "layer matmuls, packed", "full",
+                                       "matmuls"}
     assert all(r["torch"][0] > 0 and r["cpp"][0] > 0 for r in rows) and "speedup" in stdout
     assert "its linear layers' time" in stdout and "attention" in stdout.split("op by op in place")[1]
 
