@@ -8,11 +8,15 @@ are the engine thread's CPU time (`time.thread_time`), so other load on a shared
 inflate the host figures (its wall time would); torch runs on one thread here (the forward is tiny),
 so no worker thread's spinning is counted either.
 
-    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH [--rounds 3]] [--default-model]
+    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH [--rounds 3]] [--replay]
+                                       [--default-model]
 
 `--before PATH` measures this checkout and another one (e.g. `git worktree add /tmp/before <commit>`),
 each in its own process, alternating over `--rounds` rounds, and prints the medians side by side as a
 table; `--tree PATH` measures only that one.
+`--replay` runs the forward once and replays its results: the host work then runs with its caches as
+warm as a GPU-resident forward would leave them (on the CPU the forward evicts the host's code and data,
+and the next few operations pay for it: most of the host figure at one request).
 `--default-model` adds end-to-end tokens/s of SmolLM2-135M guiding itself (16 prompts, 32 tokens each,
 greedy, float32), synchronous and asynchronous.
 """
@@ -64,7 +68,9 @@ class Timers:
         setattr(obj, name, timed)
 
 
-def measure(base: str, reward: str, batch: int, steps: int, **engine_kwargs) -> dict:
+def measure(base: str, reward: str, batch: int, steps: int, replay: bool = False, **engine_kwargs) -> dict:
+    """`replay`: the forward runs once and its results are replayed, so the host's caches stay as warm
+    as a device-resident forward leaves them (a CPU forward evicts the host's working set)."""
     from padengine import Engine, SamplingParams
     engine = Engine(base, reward, block_size=16, max_num_seqs=max(batch, 1), kernels="torch", **engine_kwargs)
     params = SamplingParams(max_tokens=steps + 64, top_k=10, weight=1.0, ignore_eos=True)
@@ -73,6 +79,9 @@ def measure(base: str, reward: str, batch: int, steps: int, **engine_kwargs) -> 
         engine.step()           # until every request decodes
     for _ in range(3):
         engine.step()
+    if replay:
+        compute, first = engine.runner.compute, []
+        engine.runner.compute = lambda x: first[0] if first else first.append(compute(x)) or first[0]
     timers = Timers()
     for name, phase in (("schedule", "schedule"), ("postprocess", "bookkeeping")):
         timers.wrap(engine.scheduler, name, phase)
@@ -117,6 +126,8 @@ def main(argv=None) -> None:
     ap.add_argument("--async-scheduling", choices=["on", "off", "both"], default="both")
     ap.add_argument("--before", help="measure this checkout and that one, alternating, in subprocesses")
     ap.add_argument("--rounds", type=int, default=3, help="with --before: rounds of both (medians reported)")
+    ap.add_argument("--replay", action="store_true",
+                    help="replay the first step's results instead of running the forward (warm host caches)")
     ap.add_argument("--default-model", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -140,11 +151,11 @@ def main(argv=None) -> None:
             for mode in modes:
                 kwargs = {"async_scheduling": mode} if args.tree is None or mode else {}
                 try:
-                    row = measure(base, reward, batch, args.steps, **kwargs)
+                    row = measure(base, reward, batch, args.steps, args.replay, **kwargs)
                 except TypeError:           # a checkout without async scheduling
                     if mode:
                         continue
-                    row = measure(base, reward, batch, args.steps)
+                    row = measure(base, reward, batch, args.steps, args.replay)
                 row["async"] = mode
                 rows.append(row)
                 split = "  ".join(f"{k} {row[k]:.3f}" for k in PHASES if k in row)
@@ -171,10 +182,12 @@ def compare(args) -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 subprocess.run([sys.executable, os.path.abspath(__file__), "--tree", trees[name], "--steps",
                                 str(args.steps), "--async-scheduling", args.async_scheduling, "--json", out.name,
-                                "--batches", *map(str, args.batches)], check=True, stdout=subprocess.DEVNULL)
+                                *(["--replay"] if args.replay else []), "--batches", *map(str, args.batches)],
+                               check=True, stdout=subprocess.DEVNULL)
                 runs[name].append({(row["batch"], row["async"]): row for row in json.load(open(out.name))})
     median = lambda xs: sorted(xs)[len(xs) // 2]
-    print(f"host ms per decode step, median of {args.rounds} alternating rounds ({args.steps} steps each)")
+    print(f"host ms per decode step, median of {args.rounds} alternating rounds ({args.steps} steps each"
+          f"{', forward replayed' if args.replay else ''})")
     print("| requests | loop | before | now | before / now | now by phase |")
     print("|---|---|---|---|---|---|")
     rows = []

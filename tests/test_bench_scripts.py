@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run(args, tmp_path):
     env = dict(os.environ, PYTHONPATH=".")
@@ -54,9 +56,10 @@ def test_prefill_stall_smoke(llama, tmp_path):
     assert "| chunked | 16 |" in stdout
 
 
-def test_host_overhead_smoke(tmp_path):
+@pytest.mark.parametrize("replay", [[], ["--replay"]])
+def test_host_overhead_smoke(tmp_path, replay):
     stdout = run(["benchmarks/host_overhead.py", "--batches", "1", "3", "--steps", "3", "--json",
-                  str(tmp_path / "h.json")], tmp_path)
+                  str(tmp_path / "h.json"), *replay], tmp_path)
     rows = json.loads((tmp_path / "h.json").read_text())
     assert [(r["batch"], r["async"]) for r in rows] == [(1, False), (1, True), (3, False), (3, True)]
     assert all(r["host_ms"] > 0 and r["schedule"] > 0 and r["layout"] > 0 for r in rows)

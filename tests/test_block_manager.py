@@ -48,17 +48,38 @@ def test_freed_blocks_stay_cached_until_reused():
     assert d.num_cached_tokens == 0
 
 
-def test_decode_appends_blocks_and_hashes_filled_ones():
-    pool = BlockManager(num_blocks=8, block_size=4)
+def decode(pool, seq, tokens):
+    """Append tokens as the scheduler's decode steps do, a block whenever the last token needs one."""
+    for t in tokens:
+        seq.token_ids.append(t)
+        pool.append_slot(seq)
+        assert len(seq.block_table) == pool.blocks_needed(len(seq))
+
+
+def test_decode_appends_blocks_and_publishes_filled_ones_when_released():
+    pool = BlockManager(num_blocks=12, block_size=4)
     a = Sequence([1, 2, 3], 0)
     pool.allocate(a)
-    for t in range(4, 10):                                # generate tokens 4..9
-        a.token_ids.append(t)
-        pool.append_slot(a)
-        assert len(a.block_table) == pool.blocks_needed(len(a))
+    decode(pool, a, range(4, 11))                         # tokens 1..10: blocks [1-4] [5-8] [9, 10]
     b = Sequence(list(range(1, 10)), 0)
     pool.allocate(b)
-    assert b.num_cached_tokens == 8                       # both blocks filled during decode are shared
+    assert b.num_cached_tokens == 0                       # filled during decode: not shared while a runs
+    pool.release(b)
+    pool.release(a)
+    c = Sequence(list(range(1, 10)), 0)
+    pool.allocate(c)
+    assert c.num_cached_tokens == 8                       # both filled blocks, published when a ended
+
+
+def test_a_filled_block_is_published_only_once_its_kv_is_computed():
+    pool = BlockManager(num_blocks=12, block_size=4)
+    a = Sequence([1, 2, 3], 0)
+    pool.allocate(a)
+    decode(pool, a, [4, 5, 6, 7, 8])                      # token 8 fills block [5-8]; its KV is next step's
+    pool.release(a)
+    b = Sequence(list(range(1, 10)), 0)
+    pool.allocate(b)
+    assert b.num_cached_tokens == 4
 
 
 def test_unpublished_blocks_are_not_shared_until_their_chunk_is_scheduled():

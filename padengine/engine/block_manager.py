@@ -102,6 +102,8 @@ class BlockManager:
                 self.cached.setdefault(block.hash, block_id)
 
     def release(self, seq: Sequence) -> None:
+        """Free seq's blocks, publishing first the ones its decode steps filled."""
+        self._hash_filled(seq)
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -109,6 +111,20 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_cached_tokens = seq.num_computed_tokens = 0
+
+    def _hash_filled(self, seq: Sequence) -> None:
+        """Hash and publish the blocks seq's decode steps filled (`append_slot` noted them). Deferred to
+        here, off the per-step loop, as SGLang caches a request's decoded tokens when it ends; until
+        then only its prompt is shared."""
+        bs = self.block_size
+        for i in seq.filled:
+            prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else b""
+            if prev is not None:        # a block whose prefix has no hash gets none either
+                block = self.blocks[seq.block_table[i]]
+                block.tokens = seq.token_ids[i * bs:(i + 1) * bs]
+                block.hash = chain_hash(prev, block.tokens)
+                self.cached.setdefault(block.hash, block.id)
+        seq.filled = []
 
     def forget(self, seq: Sequence) -> None:
         """Drop the cache entries of seq's blocks past its computed tokens: they were published for a
@@ -125,14 +141,11 @@ class BlockManager:
         return len(seq) > len(seq.block_table) * self.block_size
 
     def append_slot(self, seq: Sequence) -> None:
-        """Make room for the last token's KV; hash the block that the previous step filled."""
-        bs, n = self.block_size, len(seq) - 1      # n tokens are already in the cache
-        if n % bs == 0 and n > 0:
-            i = n // bs - 1                         # the block the previous step filled
-            prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else b""
-            if prev is not None:                    # a block whose prefix has no hash gets none either
-                tokens = seq.token_ids[n - bs:n]
-                self._register(self.blocks[seq.block_table[i]], chain_hash(prev, tokens), tokens)
+        """Make room for the last token's KV; note the block the previous step filled (whose tokens are
+        all read back and computed), to hash when seq is released."""
+        n = len(seq) - 1            # tokens already in the cache
+        if n % self.block_size == 0 and n > 0:
+            seq.filled.append(n // self.block_size - 1)
         if self.needs_block(seq):
             seq.block_table.append(self._take().id)
 
@@ -143,7 +156,3 @@ class BlockManager:
             del self.cached[block.hash]
         block.hash, block.tokens, block.ref_count = None, [], 1
         return block
-
-    def _register(self, block: Block, h: bytes, tokens: list[int]) -> None:
-        block.hash, block.tokens = h, list(tokens)
-        self.cached.setdefault(h, block.id)

@@ -160,6 +160,7 @@ class DecodeBatch:
         self.settled = False                # its ids and feed rows are those of a step after a steady one
         self.lens: list[np.ndarray | None] = []     # its context lengths per model
         self.span: np.ndarray | None = None         # its fields that advance by one (None: it has padding)
+        self.drawn: list[int] = []          # the tokens read back from the last step collected
 
     def reset(self) -> None:
         """The last step is not the one before the next (the general path laid one out, or it failed)."""
@@ -188,8 +189,9 @@ class DecodeBatch:
             self.settled = False
             return self.step
         if not (self.feed and self.settled):
-            # asynchronous and settled: every id is the step before's token, PENDING, fed from its own row
-            last = np.array([r.base.token_ids[-1] for r in decode], np.int64)
+            # asynchronous and settled: every id is the step before's token, PENDING, fed from its own row;
+            # synchronous: the step before's tokens, read back, are those of these rows
+            last = np.array([r.base.token_ids[-1] for r in decode] if self.feed else self.drawn, np.int64)
             for g in (self.base, self.reward):
                 g.refresh(last)
             self.settled = True

@@ -62,7 +62,8 @@ class ModelRunner:
         self.max_batched_tokens = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
         self.vocab_size = model_cfgs[0].vocab_size
         self.device = p.device(rank)
-        if self.device.type == "cuda":
+        self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda:
             torch.cuda.set_device(self.device)
         self.workers = Workers(cfg, p.world_size) if rank == 0 and p.world_size > 1 else None
         with self.workers.guard() if self.workers else contextlib.nullcontext():
@@ -70,12 +71,13 @@ class ModelRunner:
         two_on_cuda = self.device.type == "cuda" and all(m is not None for m in self.models) and len(self.models) == 2
         self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
         self.upload = Uploader(self.device)
+        self.inference = torch.inference_mode()     # entered by every launch: reused, as a new one costs more
         self.readback = Readback(self.device)
         # asynchronous scheduling: each step leaves its tokens here, where the next one reads its inputs
         self.sampled_tokens = (torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=self.device)
                                if cfg.async_scheduling else None)
         self.decode_batch = DecodeBatch(p, cfg.block_size, self.sink, self.vocab_size, cfg.async_scheduling)
-        self.last_inputs = None     # (layout shape, ints, floats, inputs) of the last persistent decode step
+        self.last_inputs = None     # (layout shape, ints, floats, inputs, step) of the last persistent decode step
         self.sample = self.ops.sample
         self.graphs = DecodeGraphs(self, cfg.max_num_seqs) if cfg.cuda_graphs else None
 
@@ -101,49 +103,58 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.close()
 
-    @torch.inference_mode()
     def launch(self, batch: Batch) -> Pending:
         """Queue one step on the device: the next token (with its log-probabilities) of each sampled
         request; the streams of unfinished chunked prefills only advance. Its results come back with
         `collect`; on CUDA nothing here waits for the device."""
-        if self.device.type == "cuda":
+        if self.on_cuda:
             torch.cuda.set_device(self.device)      # per thread: Triton and graph capture use the current device
-        try:
-            result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
-            if result is None:
-                step = self.layout(batch.decode, batch.prefill)
-                ints, floats, inputs = self._upload(step)
-                if self.workers is None:
-                    result = self.compute(inputs)
-                else:
-                    with self.workers.guard():
-                        self.workers.broadcast(step.header(), ints, floats)
+        with self.inference:
+            try:
+                result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
+                if result is None:
+                    step = self.layout(batch.decode, batch.prefill)
+                    ints, floats, inputs = self._upload(step)
+                    if self.workers is None:
                         result = self.compute(inputs)
-        except BaseException:
-            self.decode_batch.reset()
-            raise
-        return self.readback.start(result, len(batch.sampled))
+                    else:
+                        with self.workers.guard():
+                            self.workers.broadcast(step.header(), ints, floats)
+                            result = self.compute(inputs)
+            except BaseException:
+                self.decode_batch.reset()
+                raise
+            return self.readback.start(result, len(batch.sampled))
 
     def _upload(self, step: StepLayout) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
         """The step's two value arrays on the device and its tensors there. A persistent decode step
-        shaped as the last one refills the last one's device arrays and keeps their views."""
+        shaped as the last one refills the last one's device arrays and keeps their views; on the CPU
+        those are the arrays' own memory, so the very step laid out last needs no copy at all."""
         shape = (step.fields.fields, step.max_k, step.num_top, step.base_logprobs) if step.reusable else None
-        if shape is not None and self.last_inputs is not None and self.last_inputs[0] == shape:
-            _, ints, floats, inputs = self.last_inputs
-            self.upload(step.fields.ints, torch.long, out=ints)
-            self.upload(step.fields.floats, torch.float32, out=floats)
+        last = self.last_inputs
+        if shape is not None and last is not None and last[0] == shape and (self.on_cuda or last[4] is step):
+            _, ints, floats, inputs, _ = last
+            if self.on_cuda:
+                self.upload(step.fields.ints, torch.long, out=ints)
+                self.upload(step.fields.floats, torch.float32, out=floats)
             for x, h in zip(inputs.models, step.models):
                 if x is not None:
                     x.batch.context_lens_cpu = h["lens"]
             return ints, floats, inputs
         ints, floats = self.upload(step.fields.ints, torch.long), self.upload(step.fields.floats, torch.float32)
         inputs = step.inputs(ints, floats, self.windows, static=False)
-        self.last_inputs = (shape, ints, floats, inputs) if shape is not None else None
+        self.last_inputs = (shape, ints, floats, inputs, step) if shape is not None else None
         return ints, floats, inputs
 
     def collect(self, pending: Pending) -> StepTokens:
         """A launched step's results, one per sampled request (waits for the step to finish)."""
-        return self.readback.collect(pending)
+        try:
+            results = self.readback.collect(pending)
+        except BaseException:
+            self.decode_batch.reset()       # its next step must not read these tokens as the last ones
+            raise
+        self.decode_batch.drawn = results.tokens
+        return results
 
     def layout(self, decode: list[Request], prefill: list[Request], pad_to=None, width=None) -> StepLayout:
         """A decode-only step from the persistent batch where it can, else (and then resetting it) from

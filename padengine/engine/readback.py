@@ -40,7 +40,7 @@ def pack(parts: list[torch.Tensor], n: int) -> torch.Tensor:
 
 class Readback:
     def __init__(self, device: torch.device):
-        self.device = device
+        self.on_cuda = device.type == "cuda"
         self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.float64)] * 2
         self.turn = 0
 
@@ -53,7 +53,7 @@ class Readback:
         if len(s.tokens) != n:
             parts = [p[:n] for p in parts]
         width, has_base = s.top_ids.shape[1], result.base_logprobs is not None
-        if self.device.type != "cuda":
+        if not self.on_cuda:
             return Pending(None, None, width, has_base, parts)
         packed = pack(parts, n)
         self.turn ^= 1

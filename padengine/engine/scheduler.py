@@ -100,14 +100,12 @@ class Scheduler:
     def commit(self, batch: Batch) -> None:
         """The step is launched: its streams' KV is (being) written, and each sampled request holds a
         PENDING token until `postprocess` reads it."""
-        for req in batch.decode:
-            for s in req.streams:       # a decoding stream computes its last token
-                s.num_computed_tokens = len(s.token_ids)
+        decoded = len(batch.decode)     # the first rows: one pass over their streams does both
+        for row, req in enumerate(batch.sampled):
+            req.reserve(row, row < decoded)
         for req in batch.prefill:
             for s in req.streams:
                 s.num_computed_tokens = s.step_end
-        for row, req in enumerate(batch.sampled):
-            req.reserve(row)
         for req in batch.prefill:
             req.decodes = not req.is_prefilling
 
