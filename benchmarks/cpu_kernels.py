@@ -156,6 +156,18 @@ class Step:
         n = self.requests
         return self.runner.sample(logits[:n], logits[n:].float(), *self.params, max_k=10)
 
+    def op_by_op(self, fn=None):
+        """`fn` (default: `full`) with each decoder layer's modules run op by op, not as one native call."""
+        layers = self.model.model.layers
+        saved = [layer.fused for layer in layers]
+        for layer in layers:
+            layer.fused = None
+        try:
+            return (fn or self.full)()
+        finally:
+            for layer, fused in zip(layers, saved):
+                layer.fused = fused
+
     @torch.inference_mode()
     def matmuls(self):
         """The step's linear layers alone (the LM head's included), on inputs of their shapes made once."""
@@ -175,9 +187,9 @@ class Step:
         ops.sample(*self.logits, *self.params, max_k=10)
 
     def breakdown(self, reps: int) -> dict:
-        """Median ms per part of `full`, each op timed where it runs in the step (inputs as the step leaves
-        them, not warm in cache): the linear layers, attention, KV write, norms, rotary, SiLU-and-multiply,
-        the sampler, and the rest (Python, views, the embedding)."""
+        """Median ms per part of `full` run op by op, each op timed where it runs in the step (inputs as the
+        step leaves them, not warm in cache): the linear layers, attention, KV write, norms, rotary,
+        SiLU-and-multiply, the sampler, and the rest (Python, views, the embedding)."""
         spent = {}
 
         def timing(fn, part):
@@ -199,7 +211,7 @@ class Step:
             for _ in range(reps + 1):
                 spent.clear()
                 start = time.perf_counter()
-                self.full()
+                self.op_by_op()
                 runs.append({"step": time.perf_counter() - start, **spent})
         finally:
             for obj, name, own in saved:
@@ -222,10 +234,13 @@ def step_rows(dtype, reps, path, ctxs, requests=8):
             fns = {k: getattr(s, part) for k, s in steps.items()}
             out.append(("default model", 2 * requests, ctx, part, timed(fns, reps)))
         cpp = steps["cpp"]
-        pair = timed({"step": cpp.full, "matmuls": cpp.matmuls}, 2 * reps)    # alternating: one drift for both
+        # alternating, so that one drift falls on all three
+        t = {k: v[0] for k, v in timed({"step": cpp.full, "op by op": cpp.op_by_op, "matmuls": cpp.matmuls},
+                                       2 * reps).items()}
         parts = cpp.breakdown(reps)
-        print(f"ctx {ctx}: the cpp step takes {pair['step'][0] / pair['matmuls'][0]:.2f}x its linear layers' time "
-              f"({pair['step'][0]:.1f} / {pair['matmuls'][0]:.1f} ms, alternating); op by op in place (ms): " +
+        print(f"ctx {ctx}: the cpp step takes {t['step'] / t['matmuls']:.2f}x its linear layers' time, "
+              f"{t['op by op'] / t['matmuls']:.2f}x with its layers op by op ({t['step']:.1f} / "
+              f"{t['op by op']:.1f} / {t['matmuls']:.1f} ms, alternating); op by op in place (ms): " +
               ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     return out
 

@@ -26,19 +26,42 @@ def linear(x, weight, bias=None):
     """As F.linear: the packed matmul, except float32 products of at most GEMV_ROWS rows, where torch's
     matrix-vector path measured 1.2-2x faster on a layer's weights (`benchmarks/cpu_kernels.py --only
     linear`; bfloat16 is faster packed at every row count)."""
-    if weight.dtype == torch.float32 and x.numel() <= GEMV_ROWS * x.shape[-1]:
-        return F.linear(x, weight, bias)
-    return packed_linear(x, weight, bias)
+    packed = packed_weight(weight, x)
+    return F.linear(x, weight, bias) if packed is None else torch.ops.mkldnn._linear_pointwise(
+        x, packed, bias, "none", [], "")
 
 
 def packed_linear(x, weight, bias=None):
     """As F.linear, through oneDNN's matmul on the weight reordered once (again when it changes in place)."""
+    packed = packed_weight(weight)
+    return F.linear(x, weight, bias) if packed is None else torch.ops.mkldnn._linear_pointwise(
+        x, packed, bias, "none", [], "")
+
+
+def packed_weight(weight, x=None):
+    """The weight in oneDNN's blocked layout (packed once, kept until it changes), or None where F.linear
+    is the faster or the only way: a dtype oneDNN cannot pack here, or float32 inputs `x` of at most
+    GEMV_ROWS rows."""
     if weight.dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
-        return F.linear(x, weight, bias)
+        return None
+    if x is not None and weight.dtype == torch.float32 and x.numel() <= GEMV_ROWS * x.shape[-1]:
+        return None
     entry = _packed.get(weight)
     if entry is None or entry[0] != weight._version:
         entry = _packed[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+    return entry[1]
+
+
+def decoder_layer(layer, x, residual, positions, batch: AttnBatch):
+    """As `layer.forward` through this op set's modules (a layer without q/k norms, on one rank), in one
+    native call: no Python between its ops."""
+    a, m = layer.self_attn, layer.mlp
+    projs = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+    return tuple(_ops.decoder_layer(
+        x, residual, positions, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+        layer.input_layernorm.eps, [p.weight for p in projs], [packed_weight(p.weight, x) for p in projs],
+        [p.bias for p in projs], a.qkv_proj.shards[:2], a.rope.cos, a.rope.sin, a.k_cache, a.v_cache,
+        batch.slot_mapping, batch.block_tables, batch.context_lens, batch.query_lens, batch.window, a.scale))
 
 
 def paged_attention(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:

@@ -20,6 +20,9 @@ class Ops:
     rotary: Callable         # (positions, q, k, cos, sin) -> (q, k)                     layers/rotary.py
     silu_and_mul: Callable   # (x [T, 2I]) -> [T, I]                                      layers/activation.py
     sample: Callable         # pad_sample(...) -> Sample                                  layers/sampler.py
+    # (layer, x, residual, positions, batch) -> (out, residual): a whole decoder layer without q/k norms on
+    # one rank, as its modules with the ops above; None: the modules run op by op
+    decoder_layer: Callable | None = None
 
 
 def _torch() -> Ops:
@@ -49,7 +52,7 @@ def _cpp() -> Ops:
     csrc.load()
     from csrc import ops
     return Ops(ops.linear, ops.paged_attention, ops.write_kv, ops.rms_norm, ops.apply_rotary, ops.silu_and_mul,
-               ops.pad_sample)
+               ops.pad_sample, ops.decoder_layer)
 
 
 BACKENDS = {"torch": _torch, "triton": _triton, "flash": _flash, "cpp": _cpp}

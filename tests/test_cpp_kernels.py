@@ -120,6 +120,38 @@ def test_linear_matches_torch_and_follows_weight_changes(cpp, dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,q_lens,first", [(False, [1], True), (False, [1, 1, 6], False), (True, [1, 3], False)])
+def test_fused_decoder_layer_is_the_layer_op_by_op(cpp, dtype, bias, q_lens, first):
+    """The whole-layer native call against the same layer's modules run one op at a time (the fused path
+    turned off): the same outputs, residual and cache, bit for bit, on one row (F.linear's side of
+    GEMV_ROWS) and on decode + prefill steps (packed matmuls), with and without biases and a residual."""
+    from padengine.distributed.parallel import Shard
+    from padengine.models.llama import DecoderLayer, ModelConfig
+    cfg = ModelConfig("llama", 64, 64, 96, 1, 4, 2, 16, 1e-5, 10000.0, None, 64, False, bias, bias, bias, None)
+    torch.manual_seed(7)
+    layer = DecoderLayer(cfg, RotaryEmbedding(16, 64, 10000.0, None, cpp.rotary), cpp, Shard()).to(dtype)
+    layer.self_attn.rope.build()        # the float32 tables again, as the loader leaves them
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.2)
+    assert layer.fused is cpp.decoder_layer
+    ctx_lens = [9 + 4 * i for i in range(len(q_lens))]
+    _, k_cache, v_cache, batch, _ = paged_case(dtype, 4, 2, 16, 4, ctx_lens, q_lens)
+    positions = torch.cat([torch.arange(c - q, c) for c, q in zip(ctx_lens, q_lens)])
+    x = torch.randn(len(positions), 64).to(dtype)
+    residual = None if first else torch.randn(len(positions), 64).to(dtype)
+    outs = []
+    for fused in (cpp.decoder_layer, None):
+        layer.fused = fused
+        caches = k_cache.clone(), v_cache.clone()
+        layer.self_attn.k_cache, layer.self_attn.v_cache = caches
+        with torch.inference_mode():
+            outs.append((*layer(x, residual, positions, batch), *caches))
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_torch(cpp, dtype):
     torch.manual_seed(1)
     x, residual = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)

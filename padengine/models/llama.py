@@ -159,10 +159,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ops, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops.rms_norm)
+        # the op set's whole-layer call, which does what the lines of forward do, in one native call
+        self.fused = ops.decoder_layer if not cfg.qk_norm and tp.size == 1 else None
 
     def forward(self, x, residual, positions, batch):
         """Returns (output, residual): the residual add of each sub-block is left to the next norm,
         which fuses it."""
+        if self.fused is not None:
+            return self.fused(self, x, residual, positions, batch)
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, batch)
         x, residual = self.post_attention_layernorm(x, residual)
