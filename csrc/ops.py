@@ -26,22 +26,21 @@ def linear(x, weight, bias=None):
     """As F.linear: the packed matmul, except float32 products of at most GEMV_ROWS rows, where torch's
     matrix-vector path measured 1.2-2x faster on a layer's weights (`benchmarks/cpu_kernels.py --only
     linear`; bfloat16 is faster packed at every row count)."""
-    packed = packed_weight(weight, x)
-    return F.linear(x, weight, bias) if packed is None else torch.ops.mkldnn._linear_pointwise(
-        x, packed, bias, "none", [], "")
+    return packed_linear(x, weight, bias, rows_from=x)
 
 
-def packed_linear(x, weight, bias=None):
-    """As F.linear, through oneDNN's matmul on the weight reordered once (again when it changes in place)."""
-    packed = packed_weight(weight)
+def packed_linear(x, weight, bias=None, rows_from=None):
+    """As F.linear, through oneDNN's matmul on the weight reordered once (again when it changes in place);
+    `rows_from`: see `packed_weight`."""
+    packed = packed_weight(weight, rows_from)
     return F.linear(x, weight, bias) if packed is None else torch.ops.mkldnn._linear_pointwise(
         x, packed, bias, "none", [], "")
 
 
 def packed_weight(weight, x=None):
     """The weight in oneDNN's blocked layout (packed once, kept until it changes), or None where F.linear
-    is the faster or the only way: a dtype oneDNN cannot pack here, or float32 inputs `x` of at most
-    GEMV_ROWS rows."""
+    is the faster or the only way: a dtype oneDNN cannot pack here, or (given the input `x`) float32
+    products of at most GEMV_ROWS rows."""
     if weight.dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
         return None
     if x is not None and weight.dtype == torch.float32 and x.numel() <= GEMV_ROWS * x.shape[-1]:
