@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from padengine.layers import activation
 from padengine.layers.attention import AttnBatch
 from padengine.layers.sampler import Sample
 
@@ -26,13 +25,13 @@ def linear(x, weight, bias=None):
     """As F.linear: the packed matmul, except float32 products of at most GEMV_ROWS rows, where torch's
     matrix-vector path measured 1.2-2x faster on a layer's weights (`benchmarks/cpu_kernels.py --only
     linear`; bfloat16 is faster packed at every row count)."""
-    return packed_linear(x, weight, bias, rows_from=x)
+    return packed_linear(x, weight, bias, gemv=True)
 
 
-def packed_linear(x, weight, bias=None, rows_from=None):
+def packed_linear(x, weight, bias=None, gemv=False):
     """As F.linear, through oneDNN's matmul on the weight reordered once (again when it changes in place);
-    `rows_from`: see `packed_weight`."""
-    packed = packed_weight(weight, rows_from)
+    `gemv`: except float32 products of at most GEMV_ROWS rows (`packed_weight`)."""
+    packed = packed_weight(weight, x if gemv else None)
     return F.linear(x, weight, bias) if packed is None else torch.ops.mkldnn._linear_pointwise(
         x, packed, bias, "none", [], "")
 
@@ -82,9 +81,8 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 
 def silu_and_mul(x):
-    """As `padengine.layers.activation.silu_and_mul`; float32 only in C++ (torch's bfloat16 rounding is
-    vectorized, ours is not, and measured 1.3-2.6x slower)."""
-    return _ops.silu_and_mul(x) if x.dtype == torch.float32 else activation.silu_and_mul(x)
+    """As `padengine.layers.activation.silu_and_mul` (the C++ op leaves bfloat16 and float16 to torch)."""
+    return _ops.silu_and_mul(x)
 
 
 def apply_rotary(positions, q, k, cos, sin):

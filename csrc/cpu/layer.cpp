@@ -7,8 +7,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <string>
@@ -71,15 +69,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
   store.call(k_cache, v_cache, k, v, slot_mapping);
   const at::Tensor attended = attend.call(q, k_cache, v_cache, block_tables, context_lens, query_lens, window, scale);
   std::tie(h, res) = add_rms.call(proj(attended.flatten(1), 1), res, post_norm, eps);
-  const at::Tensor gate_up = proj(h, 2);
-  at::Tensor act;
-  if (gate_up.scalar_type() == at::kFloat) {
-    act = silu_mul.call(gate_up);
-  } else {      // as csrc/ops.py: torch's own for bfloat16 and float16
-    const std::vector<at::Tensor> halves = gate_up.chunk(2, -1);
-    act = at::mul(at::silu(halves[0]), halves[1]);
-  }
-  return {proj(act, 3), res};
+  return {proj(silu_mul.call(proj(h, 2)), 3), res};
 }
 
 }  // namespace

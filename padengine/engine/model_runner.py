@@ -68,7 +68,7 @@ class ModelRunner:
         self.workers = Workers(cfg, p.world_size) if rank == 0 and p.world_size > 1 else None
         with self.workers.guard() if self.workers else contextlib.nullcontext():
             self._load(model_cfgs)
-        two_on_cuda = self.device.type == "cuda" and all(m is not None for m in self.models) and len(self.models) == 2
+        two_on_cuda = self.on_cuda and all(m is not None for m in self.models) and len(self.models) == 2
         self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
         self.upload = Uploader(self.device)
         self.inference = torch.inference_mode()     # entered by every launch: reused, as a new one costs more
