@@ -8,7 +8,7 @@ are the engine thread's CPU time (`time.thread_time`), so other load on a shared
 inflate the host figures (its wall time would); torch runs on one thread here (the forward is tiny),
 so no worker thread's spinning is counted either.
 
-    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH [--rounds 3]] [--replay]
+    python benchmarks/host_overhead.py [--batches 1 16 64 256] [--steps 50] [--before PATH] [--rounds 3] [--replay]
                                        [--default-model]
 
 `--before PATH` measures this checkout and another one (e.g. `git worktree add /tmp/before <commit>`),
@@ -18,7 +18,7 @@ table; `--tree PATH` measures only that one.
 warm as a GPU-resident forward would leave them (on the CPU the forward evicts the host's code and data,
 and the next few operations pay for it: most of the host figure at one request).
 `--default-model` adds end-to-end tokens/s of SmolLM2-135M guiding itself (16 prompts, 32 tokens each,
-greedy, float32), synchronous and asynchronous.
+greedy, float32), synchronous and asynchronous, alternating over `--rounds`.
 """
 import os
 import subprocess
@@ -99,22 +99,29 @@ def measure(base: str, reward: str, batch: int, steps: int, replay: bool = False
     return dict(batch=batch, host_ms=host, compute_ms=per.pop("compute", 0.0), **per)
 
 
-def end_to_end(num_prompts: int = 16, max_tokens: int = 32) -> None:
+def end_to_end(rounds: int, num_prompts: int = 16, max_tokens: int = 32) -> None:
+    """Tokens/s of the default model guiding itself, synchronous and asynchronous: both engines built
+    first, then `rounds` alternating rounds (ABBA...), medians, so neither mode gets the warmer machine."""
     from padengine import Engine, SamplingParams
     from padengine.default_model import default_model_path
     path = default_model_path()
     prompts = [f"Give me {i + 2} tips for a good night's sleep." for i in range(num_prompts)]
     params = SamplingParams(max_tokens=max_tokens, weight=1.0, ignore_eos=True)
-    tokens = {}
-    for mode in (False, True):
-        engine = Engine(path, path, async_scheduling=mode)
+    engines = {mode: Engine(path, path, async_scheduling=mode) for mode in (False, True)}
+    rates, tokens = {mode: [] for mode in engines}, {}
+    for engine in engines.values():
         engine.generate(prompts[:2], SamplingParams(max_tokens=4), preferences="Be concise.")     # warm up
-        start = time.perf_counter()
-        outs = engine.generate(prompts, params, preferences="Be concise.")
-        wall = time.perf_counter() - start
-        tokens[mode] = [o.token_ids for o in outs]
-        print(f"default model, async {str(mode):5s}: {sum(len(o.token_ids) for o in outs) / wall:.1f} tokens/s "
-              f"({num_prompts} prompts x {max_tokens} tokens, {wall:.1f} s)", flush=True)
+    for r in range(rounds):
+        for mode in ((False, True) if r % 2 == 0 else (True, False)):
+            start = time.perf_counter()
+            outs = engines[mode].generate(prompts, params, preferences="Be concise.")
+            rates[mode].append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
+            tokens[mode] = [o.token_ids for o in outs]
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    for mode, xs in rates.items():
+        print(f"default model, async {str(mode):5s}: {median(xs):.1f} tokens/s, median of {rounds} alternating "
+              f"rounds ({num_prompts} prompts x {max_tokens} tokens; each: {', '.join(f'{x:.1f}' for x in xs)})",
+              flush=True)
     print(f"identical outputs: {sum(a == b for a, b in zip(tokens[False], tokens[True]))}/{num_prompts}")
 
 
@@ -125,7 +132,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tree", help="measure the padengine of this checkout instead")
     ap.add_argument("--async-scheduling", choices=["on", "off", "both"], default="both")
     ap.add_argument("--before", help="measure this checkout and that one, alternating, in subprocesses")
-    ap.add_argument("--rounds", type=int, default=3, help="with --before: rounds of both (medians reported)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --before or --default-model: alternating rounds of both (medians reported)")
     ap.add_argument("--replay", action="store_true",
                     help="replay the first step's results instead of running the forward (warm host caches)")
     ap.add_argument("--default-model", action="store_true")
@@ -134,7 +142,7 @@ def main(argv=None) -> None:
     if args.before:
         compare(args)
         if args.default_model:
-            end_to_end()
+            end_to_end(args.rounds)
         return
     if args.tree:
         sys.path.insert(0, args.tree)
@@ -166,7 +174,7 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.default_model:
-        end_to_end()
+        end_to_end(args.rounds)
 
 
 PHASES = ("schedule", "layout", "upload/readback", "bookkeeping", "other")
