@@ -125,3 +125,53 @@ def test_async_engine_streams_the_same_tokens(llama, persrm, tokenizer):
             server.shutdown()
 
     assert asyncio.run(run(True)) == asyncio.run(run(False)) == reference(llama, persrm, base, reward, params)
+
+
+def _interleave(engine, plan):
+    """Run `plan`'s requests: each (joins, base, reward, params, abort_at) joins at the start (None) or
+    once the first request has `joins` tokens, and is aborted once it has `abort_at` tokens. These
+    events depend on tokens, not steps, so both loops see the same ones."""
+    reqs, joined = [], set()
+    for _ in range(1000):
+        for i, (joins, base, reward, params, _) in enumerate(plan):
+            first = reqs[0][1] if reqs else None
+            if i not in joined and (joins is None or first is not None and (
+                    len(first.output_ids) >= joins or first.is_finished)):
+                reqs.append((i, engine.add_requests(prompt_token_ids=[base], reward_prompt_token_ids=[reward],
+                                                    params=params)[0]))
+                joined.add(i)
+        for i, req in reqs:
+            if plan[i][4] is not None and len(req.output_ids) >= plan[i][4]:
+                engine.abort(req)
+        if len(reqs) == len(plan) and not engine.has_work():
+            break
+        engine.step()
+    assert len(reqs) == len(plan) and all(p.num_used == 0 for p in engine.runner.pools)
+    return {i: (req.output_ids, req.finish_reason) for i, req in reqs}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_interleavings_equal_in_both_modes(llama, persrm, tokenizer, seed):
+    """Requests joining mid-run, aborted at a token count, greedy or seeded, one or two preferences,
+    penalties, alternatives, n choices, under preemption, chunked prefill, few sequences or graph steps."""
+    rng = random.Random(seed)
+    n = rng.randrange(3, 9)
+    base, reward, _ = random_batch(len(tokenizer), n=n, seed=100 + seed, shared_prefix=rng.choice([0, 8]))
+    plan = []
+    for i in range(n):
+        sampled = rng.random() < 0.4
+        params = SamplingParams(max_tokens=rng.randrange(1, 14), temperature=0.8 if sampled else 0.0,
+                                seed=seed * 10 + i if sampled else None, weight=rng.choice([0.0, 1.0, 2.0]),
+                                top_k=rng.choice([0, 5, 20]), ignore_eos=rng.random() < 0.5,
+                                repetition_penalty=1.2 if rng.random() < 0.2 else 1.0,
+                                top_logprobs=rng.choice([0, 0, 2]), n=rng.choice([1, 1, 2]))
+        rewards = [(reward[i], 1.0), (base[i][:3] + [5], -0.5)] if rng.random() < 0.3 else reward[i]
+        joins = None if i < 2 or rng.random() < 0.5 else rng.randrange(0, 6)
+        plan.append((joins, base[i], rewards, params, rng.randrange(1, 8) if rng.random() < 0.25 else None))
+    setting = rng.choice([dict(), dict(num_kv_blocks=rng.randrange(36, 56)), dict(max_num_batched_tokens=8),
+                          dict(max_num_seqs=2), dict(cuda_graphs=True)])
+    outs = [_interleave(Engine(llama, persrm, block_size=4, async_scheduling=mode, **setting), plan)
+            for mode in (False, True)]
+    assert outs[0] == outs[1]
+    for i, (ids, reason) in outs[1].items():
+        assert reason != "abort" or len(ids) == plan[i][4]
