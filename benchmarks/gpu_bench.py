@@ -3,10 +3,13 @@
 Kernels: the fused Triton PAD sampler against the torch sampler (vocab 128256, batch 1 and 64), and
 Triton paged decode attention against torch SDPA on already-gathered KV; each beside the time to read
 its inputs once at the measured copy bandwidth. End to end: random bf16 models of Llama-3.2-1B and
-Llama-3-8B shape built on the GPU, base + reward, 128 new tokens, per batch size: engine ms/step and
-tokens/s, the engine with the base model alone, the transformers PAD loop (benchmarks/baselines, left-
-padded batch), the synchronous loop (`async_scheduling=False`, the engine column being the asynchronous
-one, CUDA's default), and the weight-read floor (both models' weight bytes / copy bandwidth).
+Llama-3-8B shape built on the GPU, base + reward, 64 new tokens, per batch size: the engine in its
+default configuration (CUDA graphs and the asynchronous loop) ms/step and tokens/s, the same without
+graphs, the synchronous loop (`async_scheduling=False`, whose greedy tokens the default's must equal:
+the `same tokens` column), the engine with the base model alone, the transformers PAD loop
+(benchmarks/baselines, left-padded batch) and the weight-read floor (both models' weight bytes / copy
+bandwidth). Every engine is closed before the next is built, and each gets a KV budget of
+`--kv-cache-gb` (the default leaves the rest of the card to the transformers loop).
 
     PYTHONPATH=. python benchmarks/gpu_bench.py --json out.json
     PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --shapes tiny --skip-kernels   # a smoke run
@@ -111,16 +114,19 @@ class _Tokenizer:
 
 
 def random_model(path, cfg, max_len, dtype, device, field, ops=None, tp=None):
-    """`load_model` with random weights (the model still gets the engine's op set)."""
+    """`load_model` with random weights (the model still gets the engine's op set), the same ones for a role
+    in every engine, so that the columns' tokens can be compared."""
     with torch.device("meta"):
         model = CausalLM(cfg, max_len, ops, tp)
     model.materialize(device, dtype)
+    gen = torch.Generator(device).manual_seed(0 if field == "base_model" else 1)
     for p in model.parameters():
-        p.data.normal_(0, 0.02)
+        p.data.normal_(0, 0.02, generator=gen)
     return model.eval()
 
 
-def engine_for(folder, reward: bool, device, kernels, batch, graphs=None, asynchronous=None, **layout) -> Engine:
+def engine_for(folder, reward: bool, device, kernels, batch, kv_bytes, graphs=None, asynchronous=None,
+               **layout) -> Engine:
     """`layout`: tensor_parallel_size / reward_device; with several processes the weights come from the
     folder's files (written by `save_random`), since mock patches do not reach the workers."""
     with contextlib.ExitStack() as patches:
@@ -131,7 +137,7 @@ def engine_for(folder, reward: bool, device, kernels, batch, graphs=None, asynch
         reward_folder = os.path.join(folder, "reward") if reward else None
         return Engine(os.path.join(folder, "base"), reward_folder, device=device, dtype="bfloat16",
                       max_model_len=PROMPT_LEN + 160, max_num_seqs=max(batch, 1), kernels=kernels,
-                      cuda_graphs=graphs, async_scheduling=asynchronous, **layout)
+                      cuda_graphs=graphs, async_scheduling=asynchronous, kv_cache_bytes=kv_bytes, **layout)
 
 
 def save_random(folder, hf_config) -> None:
@@ -150,25 +156,20 @@ def model_bytes(hf_config) -> int:
     return 2 * (sum(p.numel() for p in model.parameters()) - tied)
 
 
-def ms_per_step(engine, prompts, max_tokens) -> float:
-    """Mean time per output token after a warm-up run of the same shape (which captures its graphs)."""
+def ms_per_step(engine, prompts, max_tokens) -> tuple[float, list[list[int]]]:
+    """Mean time per output token after a warm-up run of the same shape (which captures its graphs), and
+    the (greedy) tokens."""
     run = lambda n: engine.generate(prompt_token_ids=prompts, params=SamplingParams(max_tokens=n, weight=1.0,
                                                                                     ignore_eos=True))
     run(4)
     outs = run(max_tokens)
-    return sum(o.metrics.time_per_output_token for o in outs) / len(outs) * 1e3
+    return sum(o.metrics.time_per_output_token for o in outs) / len(outs) * 1e3, [o.token_ids for o in outs]
 
 
-def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, graphs=None, asynchronous=None,
-              **layout) -> float:
-    engine = engine_for(folder, reward, device, kernels, batch, graphs, asynchronous, **layout)
-    ms = ms_per_step(engine, prompts, max_tokens)
-    engine.close()
-    del engine
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return ms
+def engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens, kv_bytes, graphs=None,
+              asynchronous=None, **layout) -> tuple[float, list[list[int]]]:
+    with engine_for(folder, reward, device, kernels, batch, kv_bytes, graphs, asynchronous, **layout) as engine:
+        return ms_per_step(engine, prompts, max_tokens)
 
 
 def hf_ms_per_step(shape_cfg, device, prompts, max_tokens) -> float:
@@ -193,7 +194,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches, layout):
+def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches, kv_bytes, layout):
     """Yields one table row per batch size as soon as it is measured. `layout` (tensor_parallel_size,
     reward_device) adds the `tp_ms` column."""
     from transformers import LlamaConfig
@@ -206,25 +207,27 @@ def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches, layout):
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist() for _ in range(batch)]
-            pad_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens)
-            eager_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, graphs=False)
-            sync_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, asynchronous=False)
-            base_ms = engine_ms(folder, False, device, kernels, batch, prompts, max_tokens)
-            tp_ms = engine_ms(folder, True, device, kernels, batch, prompts, max_tokens, **layout) if layout else None
+            run = lambda reward, **kw: engine_ms(folder, reward, device, kernels, batch, prompts, max_tokens,
+                                                 kv_bytes, **kw)
+            pad_ms, tokens = run(True)
+            eager_ms, _ = run(True, graphs=False)
+            sync_ms, sync_tokens = run(True, asynchronous=False)
+            base_ms, _ = run(False)
+            tp_ms = run(True, **layout)[0] if layout else None
             hf_ms = hf_ms_per_step(cfg, device, prompts, max_tokens)
             gc.collect()
             floor = 2 * model_bytes(cfg) / bandwidth * 1e3       # base and reward
             yield dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
-                       eager_ms=eager_ms, sync_ms=sync_ms, tp_ms=tp_ms, base_alone_ms=base_ms, hf_ms=hf_ms,
-                       hf_tok_s=batch / hf_ms * 1e3,
-                       floor_ms=floor, vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
+                       eager_ms=eager_ms, sync_ms=sync_ms, same_tokens=tokens == sync_tokens, tp_ms=tp_ms,
+                       base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor, vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=list(SHAPES))
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--kv-cache-gb", type=float, default=4.0, help="each engine's KV budget (both pools)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "flash"])
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--json", help="write all numbers here")
@@ -247,16 +250,18 @@ def main():
                   f"| {r['floor_ms']:.3f} | {r['triton_ms'] / r['floor_ms']:.1f}x |")
     tp_head = f"| {tp_name} ms/step (eager) | {tp_name} - eager ms " if layout else ""
     print(f"\n| shapes ({args.kernels} kernels) | batch | engine ms/step | engine tok/s | without graphs ms/step "
-          "| synchronous loop ms/step "
+          "| synchronous loop ms/step | same tokens "
           f"{tp_head}| base alone ms/step | transformers ms/step | transformers tok/s | floor ms | engine / floor "
           "| engine vs transformers |")
-    print("|---" * (14 if layout else 12) + "|", flush=True)
+    print("|---" * (15 if layout else 13) + "|", flush=True)
+    kv_bytes = int(args.kv_cache_gb * 2**30)
     for shape in args.shapes:
-        for r in end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels, BATCHES[shape], layout):
+        for r in end_to_end(shape, args.device, args.max_tokens, bandwidth, args.kernels, BATCHES[shape], kv_bytes,
+                            layout):
             result["end_to_end"].append(r)
             tp_cells = f"| {r['tp_ms']:.2f} | {r['tp_ms'] - r['eager_ms']:+.2f} " if layout else ""
             print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} "
-                  f"| {r['eager_ms']:.2f} | {r['sync_ms']:.2f} {tp_cells}| {r['base_alone_ms']:.2f} "
+                  f"| {r['eager_ms']:.2f} | {r['sync_ms']:.2f} | {'yes' if r['same_tokens'] else 'NO'} {tp_cells}| {r['base_alone_ms']:.2f} "
                   f"| {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
                   f"| {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x | {r['vs_hf']:.1f}x |", flush=True)
             if args.json:       # after every row, so a run cut short keeps what it measured

@@ -1,5 +1,6 @@
 """Command line: `padengine demo | generate | serve | bench | make-pairs | train` (also `python -m padengine ...`)."""
 import argparse
+import gc
 import itertools
 import json
 import logging
@@ -84,6 +85,10 @@ def serve(args) -> None:
     engine = AsyncEngine(make_engine(args, max_num_seqs=args.max_num_seqs), max_queue=args.max_queue)
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.engine.config.base_model))
     print(f"padengine: serving {name!r} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    # this process serves one engine until it exits: what exists now (weights, modules, tokenizers) is
+    # kept from the cyclic collector's full passes, which would walk it again and again mid-step (a library
+    # Engine does not freeze: a closed one must stay collectable)
+    gc.freeze()
     run_server(engine, name, args.host, args.port, args.max_body_bytes, args.max_preferences)
 
 

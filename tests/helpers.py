@@ -64,3 +64,38 @@ def fail_launch(engine, monkeypatch, nth: int):
 
     monkeypatch.setattr(engine.runner, "launch", failing)
     return launch
+
+
+def interleave(engine, plan) -> dict:
+    """Run `plan`'s requests: each (joins, base, reward, params, abort_at) joins at the start (None) or
+    once the first request has `joins` tokens, and is aborted once it has `abort_at` tokens. These
+    events depend on tokens, not steps, so both loops see the same ones. Returns each plan entry's request."""
+    reqs, joined = [], set()
+    for _ in range(1000):
+        for i, (joins, base, reward, params, _) in enumerate(plan):
+            first = reqs[0][1] if reqs else None
+            if i not in joined and (joins is None or first is not None and (
+                    len(first.output_ids) >= joins or first.is_finished)):
+                reqs.append((i, engine.add_requests(prompt_token_ids=[base], reward_prompt_token_ids=[reward],
+                                                    params=params)[0]))
+                joined.add(i)
+        for i, req in reqs:
+            if plan[i][4] is not None and len(req.output_ids) >= plan[i][4]:
+                engine.abort(req)
+        if len(reqs) == len(plan) and not engine.has_work():
+            break
+        engine.step()
+    assert len(reqs) == len(plan) and all(p.num_used == 0 for p in engine.runner.pools)
+    return dict(reqs)
+
+
+def joining_plan(tokenizer, sampled: bool):
+    """Nine requests that join so that the batch grows 1 -> 3 -> 9 mid-run: each growth is the first step
+    of a new graph bucket (1, 4, 16 rows), taken while the step before is still in flight."""
+    base, reward, params = random_batch(len(tokenizer), n=9, seed=41)
+    for i, p in enumerate(params):
+        p.max_tokens, p.ignore_eos = 14, True
+        if sampled:
+            p.temperature, p.seed = 0.8, i
+    joins = [None, 2, 2, 5, 5, 5, 5, 5, 5]
+    return [(j, b, r, p, None) for j, b, r, p in zip(joins, base, reward, params)], (base, reward, params)

@@ -7,7 +7,7 @@ import pytest
 
 from padengine import Engine, SamplingParams
 from padengine.serving.async_engine import AsyncEngine
-from tests.helpers import add_stop_tokens, fail_launch, random_batch, reference
+from tests.helpers import add_stop_tokens, fail_launch, interleave, random_batch, reference
 
 
 def generate(engine, base, reward, params):
@@ -127,29 +127,6 @@ def test_async_engine_streams_the_same_tokens(llama, persrm, tokenizer):
     assert asyncio.run(run(True)) == asyncio.run(run(False)) == reference(llama, persrm, base, reward, params)
 
 
-def _interleave(engine, plan):
-    """Run `plan`'s requests: each (joins, base, reward, params, abort_at) joins at the start (None) or
-    once the first request has `joins` tokens, and is aborted once it has `abort_at` tokens. These
-    events depend on tokens, not steps, so both loops see the same ones."""
-    reqs, joined = [], set()
-    for _ in range(1000):
-        for i, (joins, base, reward, params, _) in enumerate(plan):
-            first = reqs[0][1] if reqs else None
-            if i not in joined and (joins is None or first is not None and (
-                    len(first.output_ids) >= joins or first.is_finished)):
-                reqs.append((i, engine.add_requests(prompt_token_ids=[base], reward_prompt_token_ids=[reward],
-                                                    params=params)[0]))
-                joined.add(i)
-        for i, req in reqs:
-            if plan[i][4] is not None and len(req.output_ids) >= plan[i][4]:
-                engine.abort(req)
-        if len(reqs) == len(plan) and not engine.has_work():
-            break
-        engine.step()
-    assert len(reqs) == len(plan) and all(p.num_used == 0 for p in engine.runner.pools)
-    return {i: (req.output_ids, req.finish_reason) for i, req in reqs}
-
-
 @pytest.mark.parametrize("seed", range(40))
 def test_random_interleavings_equal_in_both_modes(llama, persrm, tokenizer, seed):
     """Requests joining mid-run, aborted at a token count, greedy or seeded, one or two preferences,
@@ -170,7 +147,8 @@ def test_random_interleavings_equal_in_both_modes(llama, persrm, tokenizer, seed
         plan.append((joins, base[i], rewards, params, rng.randrange(1, 8) if rng.random() < 0.25 else None))
     setting = rng.choice([dict(), dict(num_kv_blocks=rng.randrange(36, 56)), dict(max_num_batched_tokens=8),
                           dict(max_num_seqs=2), dict(cuda_graphs=True)])
-    outs = [_interleave(Engine(llama, persrm, block_size=4, async_scheduling=mode, **setting), plan)
+    outs = [{i: (req.output_ids, req.finish_reason) for i, req in interleave(
+                Engine(llama, persrm, block_size=4, async_scheduling=mode, **setting), plan).items()}
             for mode in (False, True)]
     assert outs[0] == outs[1]
     for i, (ids, reason) in outs[1].items():

@@ -1,13 +1,14 @@
 """Decode steps through the CUDA-graph path (`cuda_graphs=True`): padded to a bucket, block tables at full
-width, static input buffers refilled each step, no host reads inside the step. On the CPU the same
-static-buffer steps run uncaptured, so everything but the capture itself is checked against the
+width, static input buffers refilled each step, no host reads inside the step. On the CPU the graphs are
+emulated as CUDA runs them (a bucket's first step warmed up, then replayed over the same static buffers;
+replays leave their results in static outputs), so everything but the capture itself is checked against the
 transformers reference; tests/test_gpu_engine.py checks the captured graphs on CUDA."""
 import random
 
 import pytest
 
 from padengine import Engine, SamplingParams
-from tests.helpers import random_batch, reference
+from tests.helpers import interleave, joining_plan, random_batch, reference
 
 
 def spy_graphs(engine):
@@ -106,3 +107,54 @@ def test_which_rows_a_graph_holds():
     assert not graphable(SamplingParams(top_k=300), vocab)
     for k in (10, 0):                                                         # occurrence lists vary in size
         assert not graphable(SamplingParams(top_k=k, frequency_penalty=0.5), vocab)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("num_kv_blocks", [None, 44])
+def test_async_graph_steps_across_new_buckets(llama, persrm, tokenizer, sampled, num_kv_blocks):
+    """Asynchronous scheduling with graph steps (CUDA's default) gives the synchronous eager loop's tokens
+    (and the transformers reference's, greedy) across each new bucket's first step, also under preemption."""
+    plan, (base, reward, params) = joining_plan(tokenizer, sampled)
+    runs = {}
+    for graphs, asynchronous in ((False, False), (True, True), (True, False)):
+        engine = Engine(llama, persrm, block_size=4, num_kv_blocks=num_kv_blocks, cuda_graphs=graphs,
+                        async_scheduling=asynchronous)
+        reqs = interleave(engine, plan)
+        runs[graphs, asynchronous] = [reqs[i].output_ids for i in range(len(plan))]
+        if graphs:
+            assert {rows for rows, *_ in engine.runner.graphs.graphs} >= {1, 4}
+            if num_kv_blocks is None:
+                assert 16 in {rows for rows, *_ in engine.runner.graphs.graphs}
+            else:
+                assert sum(r.metrics.num_preemptions for r in reqs.values()) > 0
+    assert runs[True, True] == runs[True, False] == runs[False, False]
+    if not sampled:
+        assert runs[False, False] == reference(llama, persrm, base, reward, params)
+
+
+def test_first_step_of_a_bucket_runs_twice_and_replays_read_only_static_inputs(llama, persrm, tokenizer,
+                                                                              monkeypatch):
+    """The emulation is faithful where it matters: a bucket's first step is computed twice (warm-up and
+    replay), and a replay computes from the graph's own input buffers: left unrefilled, the tokens change."""
+    base, reward, params = random_batch(len(tokenizer), n=3, seed=42)
+    for p in params:
+        p.max_tokens, p.ignore_eos = 8, True
+    engine = Engine(llama, persrm, block_size=4, cuda_graphs=True, async_scheduling=True)
+    runner, calls = engine.runner, []
+    compute = runner.compute
+    monkeypatch.setattr(runner, "compute", lambda x: (calls.append(x), compute(x))[1])
+    counts = spy_graphs(engine)
+    expected = reference(llama, persrm, base, reward, params)
+    assert generate(engine, base, reward, params) == expected
+    graphs = runner.graphs.graphs.values()
+    static = [[i for i, x in enumerate(calls) if x is g.inputs] for g in graphs]
+    assert counts["graph"] > 3 and sum(map(len, static)) == counts["graph"] + len(graphs)
+    assert all(steps[1] == steps[0] + 1 for steps in static)       # warm-up, then the first replay
+    upload = runner.upload
+
+    def no_refill(values, dtype, out=None):
+        refill = out is not None and any(out is g.ints or out is g.floats for g in runner.graphs.graphs.values())
+        return out if refill else upload(values, dtype, out)
+
+    monkeypatch.setattr(runner, "upload", no_refill)
+    assert generate(engine, base, reward, params) != expected

@@ -6,7 +6,10 @@ its split-K work by that width, and the host uploads tables at most twice as wid
 the runner's `compute` (both models' forwards on their two streams, both LM heads, the reward merge and
 the sampler) is captured once over static input buffers; a replay refills them with the step's two
 host-to-device copies, and the runner then makes its one device-to-host copy of the results. A bucket is
-captured on its first step, after an eager run of the same inputs that compiles the Triton kernels.
+captured on its first step, after an eager run of the same inputs that compiles the Triton kernels; that
+warm-up also writes this step's tokens where the step reads the previous step's (asynchronous
+scheduling), so they are put back before the first replay, which then computes the step once more from
+the same inputs (the K/V it writes are the warm-up's again).
 
 Steps that do not fit run eagerly: any prefill, more rows than the largest bucket, a row whose top-k
 lies between MAX_FUSED_TOP_K and the vocabulary, or a whole-vocabulary row with top-p/min-p or
@@ -14,11 +17,14 @@ alternatives (the fused sampler sends those to torch, which a graph cannot hold)
 penalties (their occurrence lists change size every step). Top-p/min-p, alternatives and base
 log-probabilities on top-k rows are part of the graph (its key).
 
-On the CPU (`cuda_graphs=True`, for tests) there is nothing to capture: the same padded static-buffer
-step runs eagerly each time, which checks everything but the capture itself.
+On the CPU (`cuda_graphs=True`, for tests) `StepGraph` emulates a graph as CUDA runs one: recording
+executes nothing, and each replay executes the step over the same static input buffers and leaves its
+results in the same static output tensors (overwritten by the next replay). So a first step of a bucket
+runs twice (warm-up, replay) as on CUDA, and a replay sees only what was refilled into the static inputs.
 """
 import logging
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -33,13 +39,42 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MIN_SPAN = 256          # the shortest context bucket, in tokens
 
 
+class StepGraph:
+    """One step recorded once and replayed: on CUDA a captured `torch.cuda.CUDAGraph` (recording runs
+    nothing); on the CPU (`pool` None) its emulation, which records nothing either, runs the step at each
+    replay and copies the results into the outputs of the first one, so that they are static too."""
+
+    def __init__(self, step: Callable[[], StepResult], pool):
+        self.step, self.outputs, self.cuda_graph = step, None, None
+        if pool is not None:
+            self.cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.cuda_graph, pool=pool):
+                self.outputs = step()
+
+    def replay(self) -> StepResult:
+        if self.cuda_graph is not None:
+            self.cuda_graph.replay()
+        elif self.outputs is None:
+            self.outputs = self.step()
+        else:
+            _copy_into(self.outputs, self.step())
+        return self.outputs
+
+
+def _copy_into(static, fresh) -> None:
+    if isinstance(static, torch.Tensor):
+        static.copy_(fresh)
+    elif isinstance(static, tuple):
+        for a, b in zip(static, fresh):
+            _copy_into(a, b)
+
+
 @dataclass
 class Graph:
     ints: torch.Tensor              # static inputs, refilled before each replay
     floats: torch.Tensor
     inputs: StepInputs              # views of ints and floats
-    result: StepResult              # static outputs
-    graph: "torch.cuda.CUDAGraph | None"
+    graph: StepGraph
 
 
 class DecodeGraphs:
@@ -71,30 +106,33 @@ class DecodeGraphs:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(step)
-            return g.result
+            return g.graph.outputs
         self.runner.upload(step.fields.ints, torch.long, out=g.ints)
         self.runner.upload(step.fields.floats, torch.float32, out=g.floats)
-        if g.graph is None:
-            g.result = self.runner.compute(g.inputs)
-        else:
-            g.graph.replay()
-        return g.result
+        return g.graph.replay()
 
     def _capture(self, step) -> Graph:
+        """Warm up, record and replay the step: its results, in the graph's static outputs."""
         r = self.runner
-        ints, floats = r.upload(step.fields.ints, torch.long), r.upload(step.fields.floats, torch.float32)
+        # buffers of the graph's own (a CPU upload may share the host arrays, which the persistent batch
+        # changes in place: a replay must see only what is refilled)
+        ints = r.upload(step.fields.ints, torch.long, out=torch.empty(len(step.fields.ints), dtype=torch.long,
+                                                                      device=r.device))
+        floats = r.upload(step.fields.floats, torch.float32,
+                          out=torch.empty(len(step.fields.floats), dtype=torch.float32, device=r.device))
         inputs = step.inputs(ints, floats, r.windows, static=True)
-        result = r.compute(inputs)        # this step's result; on CUDA it also warms up
-        graph = None
+        fed = r.sampled_tokens
+        previous = None if fed is None else fed.clone()
+        r.compute(inputs)       # warm-up: compiles the Triton kernels
+        if previous is not None:
+            fed.copy_(previous)     # the warm-up left this step's tokens where the replay reads its inputs
+        graph = StepGraph(lambda: r.compute(inputs), self.pool)
+        graph.replay()
         if self.capture:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                result = r.compute(inputs)
-            graph.replay()      # capture records without running: replay writes the same K/V again
             logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d, "
                         "%d blocks per table", step.num_rows, step.num_rewards, step.max_k,
                         inputs.models[0].batch.block_tables.shape[1])
-        return Graph(ints, floats, inputs, result, graph)
+        return Graph(ints, floats, inputs, graph)
 
 
 def graphable(params: SamplingParams, vocab: int) -> bool:

@@ -5,6 +5,7 @@ import gc
 import logging
 from typing import Iterator
 
+import torch
 from tqdm import tqdm
 
 from padengine.config import EngineConfig
@@ -35,9 +36,6 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.pools, cfg.max_num_seqs, self.runner.max_batched_tokens)
         self.in_flight = None       # asynchronous scheduling: the launched step not yet collected
-        # what exists now (weights, modules, tokenizers) lives as long as the engine: keep the cyclic
-        # garbage collector from walking it again and again, which stalls steps for milliseconds
-        gc.freeze()
         self.inputs = InputProcessor(self.tokenizer, self.reward_tokenizer, self.runner.vocab_size,
                                      self.max_model_len, self.eos_ids, self.runner.pools, self.runner.placement,
                                      cfg.seed, cfg.max_num_seqs)
@@ -83,6 +81,7 @@ class Engine:
     def add_requests(self, prompts=None, params=None, preferences=None, prompt_token_ids=None,
                      reward_prompt_token_ids=None) -> list[Request]:
         """Validate (raising InvalidInput before anything is queued) and queue requests."""
+        self._check_open()
         reqs = self.inputs.make_requests(prompts, params, preferences, prompt_token_ids, reward_prompt_token_ids)
         for req in reqs:
             self.scheduler.add(req)
@@ -95,6 +94,7 @@ class Engine:
         step launched here is collected by the next call, after that call has scheduled and launched its
         own step, so the host's work for step t+1 overlaps the device's for step t; each call returns the
         previous step's tokens."""
+        self._check_open()
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -113,17 +113,38 @@ class Engine:
         return self.scheduler.postprocess(batch, self.runner.collect(pending))
 
     def close(self) -> None:
-        """Stop the worker processes of other ranks (tensor_parallel_size > 1 or reward_device); the
-        engine cannot run steps afterwards. Garbage collection and interpreter exit do the same."""
+        """Stop the worker processes of other ranks (tensor_parallel_size > 1 or reward_device) and release
+        everything the engine holds on its devices: models, value head, KV pools, CUDA graphs and their
+        memory pool, pinned buffers (collected now, as their objects refer to each other, and handed
+        back to the device). The engine cannot run steps afterwards. Also on leaving
+        `with Engine(...) as engine:`; interpreter exit stops the workers too."""
+        if self.runner is None:
+            return
+        device = self.runner.device
         self.runner.close()
+        self.runner = self.scheduler = self.inputs = self.in_flight = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.runner is None:
+            raise RuntimeError("the engine is closed: build a new one")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.in_flight is not None
+        return self.runner is not None and (self.scheduler.has_work() or self.in_flight is not None)
 
     def abort(self, req: Request, reason: str = "abort") -> None:
         """End a request now and free its KV blocks."""
         if not req.is_finished:
-            self.scheduler.finish(req)
+            if self.scheduler is not None:      # else closed: its blocks went with it
+                self.scheduler.finish(req)
             req.finish(reason)
 
     def output(self, req: Request) -> RequestOutput:

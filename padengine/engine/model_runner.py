@@ -112,6 +112,7 @@ class ModelRunner:
         with self.inference:
             try:
                 result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
+                static = result is not None     # a graph's outputs: its next replay overwrites them
                 if result is None:
                     step = self.layout(batch.decode, batch.prefill)
                     ints, floats, inputs = self._upload(step)
@@ -124,7 +125,7 @@ class ModelRunner:
             except BaseException:
                 self.decode_batch.reset()
                 raise
-            return self.readback.start(result, len(batch.sampled))
+            return self.readback.start(result, len(batch.sampled), static)
 
     def _upload(self, step: StepLayout) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
         """The step's two value arrays on the device and its tensors there. A persistent decode step

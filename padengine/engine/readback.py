@@ -5,7 +5,8 @@ log-probabilities into one float64 tensor (token ids are exact in float64) and q
 pinned host buffer behind the step, recording an event; `collect` waits for that event and turns the
 columns into lists (`StepTokens`). Two pinned buffers alternate, so the asynchronous loop can queue step
 t+1's copy while step t's results are still unread. On the CPU the results are on the host already: no
-packing, `collect` reads their tensors.
+packing, `collect` reads their tensors (copied first where they are a graph's static outputs, which the
+next replay overwrites before an asynchronous loop reads them; on CUDA the queued copy comes first).
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,8 +45,9 @@ class Readback:
         self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.float64)] * 2
         self.turn = 0
 
-    def start(self, result: StepResult, n: int) -> Pending:
-        """Queue the copy of the first n rows of `result` (the requests; the rest is padding)."""
+    def start(self, result: StepResult, n: int, static: bool = False) -> Pending:
+        """Queue the copy of the first n rows of `result` (the requests; the rest is padding). `static`:
+        the result is a graph's outputs, overwritten by its next replay."""
         s = result.sample
         parts = [s.tokens, s.logprobs, s.top_ids, s.top_logprobs]
         if result.base_logprobs is not None:
@@ -54,7 +56,7 @@ class Readback:
             parts = [p[:n] for p in parts]
         width, has_base = s.top_ids.shape[1], result.base_logprobs is not None
         if not self.on_cuda:
-            return Pending(None, None, width, has_base, parts)
+            return Pending(None, None, width, has_base, [p.clone() for p in parts] if static else parts)
         packed = pack(parts, n)
         self.turn ^= 1
         buf = self.buffers[self.turn]
