@@ -6,7 +6,8 @@ setup(
     description="Personalized Alignment at Decoding-time (PAD) on a paged-KV, continuously batched engine",
     packages=find_packages(include=["padengine", "padengine.*", "triton_kernels", "triton_kernels.*", "csrc"]),
     # csrc/cpu: the C++ CPU kernels' sources, compiled at first use (csrc/__init__.py says why not here)
-    package_data={"padengine.serving": ["playground/*.html", "playground/*.css", "playground/*.js"],
+    package_data={"padengine": ["data/*.json", "data/*.md"],
+                  "padengine.serving": ["playground/*.html", "playground/*.css", "playground/*.js"],
                   "csrc": ["cpu/*.cpp", "cpu/*.h"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "transformers>=4.56", "safetensors", "tqdm",

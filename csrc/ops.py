@@ -6,7 +6,9 @@ Its `linear` is not ours: oneDNN's matmul on a weight reordered once into oneDNN
 inductor's frozen CPU linear runs), measured 1.03-2.1x faster than torch's default for a layer's float32
 matmuls from 4 rows up (`benchmarks/cpu_kernels.py --only ops` and `--only linear`), and kept per weight
 until the weight changes; float32 products of one or two rows stay torch's matrix-vector path, which is
-faster there.
+faster there. Which dtypes are packed is decided once, from this CPU (`PACKABLE`): oneDNN's bfloat16
+path needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT and refuses to run on an AVX2-only CPU, where bfloat16
+weights stay F.linear's.
 """
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,19 @@ from padengine.layers.sampler import Sample
 
 _ops = torch.ops.padengine
 _packed = WeakIdKeyDictionary()         # weight -> (its version when packed, the packed weight)
-_PACKABLE = {torch.float32, torch.bfloat16}     # oneDNN's float16 path needs AVX-512 FP16
 GEMV_ROWS = 2
+
+
+def packable_dtypes() -> frozenset:
+    """The weight dtypes oneDNN packs on this CPU: float32 wherever oneDNN runs, bfloat16 where its bf16
+    path does (torch asks the CPU the same question before it would refuse); never float16, whose path
+    needs AVX-512 FP16, which no machine of this project's has to test it on."""
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    return frozenset([torch.float32] + [torch.bfloat16] * torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+PACKABLE = packable_dtypes()
 
 
 def linear(x, weight, bias=None):
@@ -40,7 +53,7 @@ def packed_weight(weight, x=None):
     """The weight in oneDNN's blocked layout (packed once, kept until it changes), or None where F.linear
     is the faster or the only way: a dtype oneDNN cannot pack here, or (given the input `x`) float32
     products of at most GEMV_ROWS rows."""
-    if weight.dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
+    if weight.dtype not in PACKABLE:
         return None
     if x is not None and weight.dtype == torch.float32 and x.numel() <= GEMV_ROWS * x.shape[-1]:
         return None

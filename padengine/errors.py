@@ -1,4 +1,5 @@
-"""The error raised for bad user input: a ValueError that names the offending field, and its checks."""
+"""The errors a caller handles: bad input (a ValueError that names the offending field, and its checks), and
+an engine used after `close`."""
 import math
 
 
@@ -8,6 +9,10 @@ class InvalidInput(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed (`Engine.close`): its models and caches are gone."""
 
 
 def require(ok: bool, field: str, message: str) -> None:

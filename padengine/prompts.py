@@ -23,8 +23,8 @@ import os
 from padengine.errors import require, require_range
 from padengine.sampling_params import MAX_WEIGHT
 
-# the 50 P-Soups prompts the PAD paper evaluates on (benchmarks and demos; never training data)
-EVAL_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_eval_50.json")
+# the 50 P-Soups prompts the PAD paper evaluates on (benchmarks and demos; never training data): data/README.md
+EVAL_PROMPTS = os.path.join(os.path.dirname(__file__), "data", "koala_eval_50.json")
 TEMPLATE = ("[Guidelines] Your task is to generate response by considering the following principle. "
             "[Principles] {preference} [Instruction] {prompt}")
 

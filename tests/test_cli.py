@@ -16,6 +16,20 @@ def test_help(command):
     assert out.returncode == 0 and "usage: padengine " + command in out.stdout
 
 
+def test_demo_needs_no_triton_and_exits_quietly(llama):
+    """A CPU command imports no Triton: building a model on `meta` once initialized its weights there,
+    which imported torch._dynamo and Triton with it, whose bindings then printed `nanobind: leaked ...`."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['padengine', 'demo', '--model', {llama!r}, '--max-tokens', '2']\n"
+            "try:\n    runpy.run_module('padengine', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('triton imported:', 'triton' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PAD-guided" in out.stdout and "triton imported: False" in out.stdout
+    assert "leaked" not in out.stderr
+
+
 def test_generate_jsonl(llama, persrm, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "the sea", "preference": "be concise"}) + "\n"

@@ -6,6 +6,7 @@ import weakref
 import pytest
 
 from padengine import Engine
+from padengine.errors import EngineClosed
 from tests.helpers import random_batch
 
 
@@ -28,7 +29,7 @@ def test_close_or_del_releases_everything_twice_in_one_process(llama, persrm, to
         refs = holdings(engine)
         assert engine.runner.graphs.graphs and all(ref() is not None for ref in refs)
     assert [ref() is None for ref in refs[1:]] == [True] * (len(refs) - 1)
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosed, match="closed"):
         engine.generate(prompt_token_ids=base, params=params)
     engine.close()                                  # a second close is harmless
     del engine

@@ -3,7 +3,8 @@ attention (decode and prefill in one call, GQA ratios 1/3/4, block sizes 1/16/32
 long split contexts), the KV write, the linear layers, RMSNorm, rotary and SiLU-and-multiply; and the
 build-failure path.
 
-The kernels are built on first use (once per machine; cached under $PADENGINE_CACHE/kernels).
+The kernels are built on first use (once per machine; cached under $PADENGINE_CACHE/kernels). Tests that take
+`cpu` run twice: on this CPU as it is, and as an AVX2-only one (`avx2_only`), where oneDNN refuses bfloat16.
 """
 import logging
 import re
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import csrc
+from padengine import Engine
 from padengine.config import EngineConfig
 from padengine.errors import InvalidInput
 from padengine.kernels import get_ops
@@ -27,6 +29,27 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 @pytest.fixture(scope="module")
 def cpp():
     return get_ops("cpp")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def cpu(request, monkeypatch):
+    """This CPU, or an AVX2-only one: oneDNN's bfloat16 check says no, and its weight reorder refuses
+    bfloat16 with the error it raises there."""
+    from csrc import ops
+    if request.param == "avx2":
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+
+        def refuse(weight, *args):
+            if weight.dtype == torch.bfloat16:
+                raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert "
+                                   "or avx512bw, avx512vl and avx512dq")
+            return reorder(weight, *args)
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+        monkeypatch.setattr(ops, "PACKABLE", ops.packable_dtypes())
+        assert ops.PACKABLE == {torch.float32}
+    return request.param
 
 
 def paged_case(dtype, heads, kv_heads, dim, block_size, ctx_lens, q_lens, window=None, seed=0):
@@ -102,9 +125,9 @@ def test_write_kv_matches_torch(cpp):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_torch_and_follows_weight_changes(cpp, dtype, bias):
+def test_linear_matches_torch_and_follows_weight_changes(cpp, cpu, dtype, bias):
     """Row counts on both sides of csrc.ops.GEMV_ROWS (float32 products that small stay F.linear, the rest
-    are packed), and a weight changed in place, which is packed again."""
+    are packed; bfloat16 where this CPU packs it), and a weight changed in place, which is packed again."""
     from csrc import ops
     torch.manual_seed(4)
     weight = (0.1 * torch.randn(40, 24)).to(dtype)
@@ -115,13 +138,13 @@ def test_linear_matches_torch_and_follows_weight_changes(cpp, dtype, bias):
             x = torch.randn(rows, 24).to(dtype)
             torch.testing.assert_close(cpp.linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
                                        atol=TOL[dtype], rtol=TOL[dtype])
-            assert packed_now() == (dtype != torch.float32 or rows > ops.GEMV_ROWS), rows
+            assert packed_now() == (dtype in ops.PACKABLE and (dtype != torch.float32 or rows > ops.GEMV_ROWS))
         weight.mul_(-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias,q_lens,first", [(False, [1], True), (False, [1, 1, 6], False), (True, [1, 3], False)])
-def test_fused_decoder_layer_is_the_layer_op_by_op(cpp, dtype, bias, q_lens, first):
+def test_fused_decoder_layer_is_the_layer_op_by_op(cpp, cpu, dtype, bias, q_lens, first):
     """The whole-layer native call against the same layer's modules run one op at a time (the fused path
     turned off): the same outputs, residual and cache, bit for bit, on one row (F.linear's side of
     GEMV_ROWS) and on decode + prefill steps (packed matmuls), with and without biases and a residual."""
@@ -149,6 +172,16 @@ def test_fused_decoder_layer_is_the_layer_op_by_op(cpp, dtype, bias, q_lens, fir
             outs.append((*layer(x, residual, positions, batch), *caches))
     for got, want in zip(*outs):
         assert torch.equal(got, want)
+
+
+def test_bfloat16_engine_equals_the_torch_op_set(llama, persrm, tokenizer, cpu):
+    """A bfloat16 engine on the C++ kernels (packed matmuls where this CPU packs bfloat16) gives the torch
+    op set's tokens."""
+    from tests.helpers import random_batch
+    base, reward, params = random_batch(len(tokenizer), n=6, seed=60)
+    outs = [Engine(llama, persrm, dtype="bfloat16", kernels=k, block_size=4).generate(
+        prompt_token_ids=base, reward_prompt_token_ids=reward, params=params) for k in ("cpp", "torch")]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from padengine import Engine, InvalidInput, SamplingParams
+from padengine.errors import EngineClosed
 from padengine.distributed.parallel import Shard
 from padengine.distributed.sampler import tp_candidates, tp_logprobs
 from padengine.distributed.workers import WorkerError
@@ -137,7 +138,7 @@ def test_placement_errors_name_the_field_and_close(llama, persrm, tmp_path):
         Engine(llama, persrm, reward_device="nowhere")
     engine = Engine(llama, persrm, kernels="torch", reward_device="cpu")
     engine.close()
-    with pytest.raises(WorkerError, match="closed"):
+    with pytest.raises(EngineClosed, match="closed"):
         engine.generate(prompt_token_ids=[[5, 6]], params=SamplingParams(max_tokens=2))
     engine = Engine(llama, persrm, kernels="torch", reward_device="cpu")
     worker = engine.runner.workers.procs[0]

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from padengine.distributed.placement import Placement
 from padengine.errors import require
-from padengine.layers.linear import FusedLinear, Linear
+from padengine.layers.linear import Embedding, FusedLinear, Linear
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,8 @@ class Shard:
             return Linear(in_features, out_features, bias, kernel)
         return RowParallelLinear(in_features, out_features, bias, kernel, self)
 
-    def embedding(self, vocab: int, hidden: int) -> nn.Embedding:
-        return nn.Embedding(vocab, hidden) if self.size == 1 else VocabParallelEmbedding(vocab, hidden, self)
+    def embedding(self, vocab: int, hidden: int) -> Embedding:
+        return Embedding(vocab, hidden) if self.size == 1 else VocabParallelEmbedding(vocab, hidden, self)
 
     def lm_head(self, hidden: int, vocab: int, kernel) -> Linear:
         if self.size == 1:
@@ -115,7 +114,7 @@ class RowParallelLinear(Linear):
         return out if self.bias is None else out + self.bias
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(Embedding):
     def __init__(self, vocab: int, hidden: int, tp: Shard):
         self.start, end = tp.vocab_range(vocab)
         super().__init__(end - self.start, hidden)

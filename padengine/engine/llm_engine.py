@@ -13,7 +13,7 @@ from padengine.engine.model_runner import ModelRunner
 from padengine.engine.scheduler import Scheduler
 from padengine.engine.inputs import InputProcessor
 from padengine.engine.sequence import Request, RequestOutput
-from padengine.errors import require
+from padengine.errors import EngineClosed, require
 from padengine.models.loader import eos_token_ids, load_tokenizer
 from padengine.sampling_params import SamplingParams
 from padengine.engine.detokenizer import IncrementalDetokenizer, StreamOutput
@@ -129,7 +129,7 @@ class Engine:
 
     def _check_open(self) -> None:
         if self.runner is None:
-            raise RuntimeError("the engine is closed: build a new one")
+            raise EngineClosed("the engine is closed: build a new one")
 
     def __enter__(self) -> "Engine":
         return self

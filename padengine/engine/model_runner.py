@@ -11,6 +11,7 @@ broadcasts the layout to the worker processes (distributed/workers.py) and all r
 together, meeting in the layers' all-reduces and the distributed sampler (distributed/sampler.py).
 """
 import contextlib
+import functools
 import logging
 import os
 
@@ -35,6 +36,14 @@ from padengine.models import value_head
 from padengine.models.loader import load_config, load_model
 
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The reward model's stream on `device`, one for the whole process: cuBLAS keeps a workspace (32 MiB
+    on Hopper) for each stream it has run on until the process ends, so a stream per engine would leave
+    one behind with every engine closed."""
+    return torch.cuda.Stream(device)
 
 
 class ModelRunner:
@@ -69,7 +78,7 @@ class ModelRunner:
         with self.workers.guard() if self.workers else contextlib.nullcontext():
             self._load(model_cfgs)
         two_on_cuda = self.on_cuda and all(m is not None for m in self.models) and len(self.models) == 2
-        self.side_stream = torch.cuda.Stream(self.device) if two_on_cuda else None
+        self.side_stream = side_stream(self.device) if two_on_cuda else None
         self.upload = Uploader(self.device)
         self.inference = torch.inference_mode()     # entered by every launch: reused, as a new one costs more
         self.readback = Readback(self.device)

@@ -1,5 +1,8 @@
 """Linear layers through an op set's `linear(x, weight, bias)` (as F.linear): one projection, or several
-fused into one matmul. Their tensor-parallel splits are in `padengine/distributed/parallel.py`."""
+fused into one matmul; and the token embedding. Their tensor-parallel splits are in
+`padengine/distributed/parallel.py`. None of them initializes its weights: a model is built on the `meta`
+device and then loaded (or materialized), and a random init on `meta` runs torch's Python reference ops,
+whose first call imports torch._dynamo and with it Triton (whose bindings then report leaks at exit)."""
 import torch
 from torch import nn
 
@@ -11,8 +14,16 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.kernel = kernel
 
+    def reset_parameters(self) -> None:
+        pass        # loaded later (module docstring)
+
     def forward(self, x):
         return self.kernel(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass        # loaded later (module docstring)
 
 
 class FusedLinear(Linear):

@@ -44,8 +44,11 @@ def _normal(text: str) -> str:
 
 def load_prompts(path: str, limit: int | None = None, max_chars: int | None = None,
                  exclude: str | None = EVAL_PROMPTS) -> list[str]:
-    """The prompts of `path` minus the evaluation prompts in `exclude`, first `limit` of them."""
+    """The prompts of `path` minus the evaluation prompts in `exclude` (a missing file is an error, not
+    an exclusion skipped), first `limit` of them."""
     require(os.path.isfile(path), "prompts", f"prompt file {path!r} does not exist")
+    require(exclude is None or os.path.isfile(exclude), "exclude", f"the evaluation prompts to keep out of "
+            f"the pairs ({exclude!r}) are missing: refusing to build pairs that may contain them")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -54,7 +57,7 @@ def load_prompts(path: str, limit: int | None = None, max_chars: int | None = No
     except json.JSONDecodeError as e:
         raise InvalidInput("prompts", f"{path!r} is neither a JSON list nor JSONL: {e}") from None
     held = set()
-    if exclude and os.path.isfile(exclude):
+    if exclude is not None:
         with open(exclude, encoding="utf-8") as f:
             held = {_normal(r["prompt"]) for r in json.load(f)}
     prompts = []

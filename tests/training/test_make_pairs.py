@@ -1,10 +1,13 @@
 """make-pairs on a tiny model with a stub checker, and the prompt source that leaves the evaluation prompts out."""
 import json
+import os
 
 import pytest
 
+import padengine
 from padengine import Engine
 from padengine.errors import InvalidInput
+from padengine.prompts import EVAL_PROMPTS
 from padengine.training.checkers import Checker
 from padengine.training.make_pairs import PairConfig, load_prompts, make_pairs
 
@@ -44,6 +47,18 @@ def test_prompts_leave_the_evaluation_set_out(tmp_path):
                                   {"instruction": "Name a color.", "dataset": "oasst"}, "Plain string prompt."]))
     assert load_prompts(str(source), exclude=str(held)) == ["Name a color.", "Plain string prompt."]
     assert load_prompts(str(source), limit=1, max_chars=13, exclude=str(held)) == ["Name a color."]
+    with pytest.raises(InvalidInput, match="exclude: the evaluation prompts .* are missing"):
+        load_prompts(str(source), exclude=str(tmp_path / "gone.json"))
     source.write_text(json.dumps([{"text": "no prompt key"}]))
     with pytest.raises(InvalidInput, match=r"prompts\[0\]"):
         load_prompts(str(source))
+
+
+def test_the_evaluation_prompts_ship_with_the_package():
+    """The 50 P-Soups prompts are the package's own data (a fresh clone has no ../shared), and the
+    default exclusion reads them."""
+    with open(EVAL_PROMPTS, encoding="utf-8") as f:
+        rows = json.load(f)
+    assert len(rows) == 50 and all(r["prompt"].strip() for r in rows)
+    package = os.path.dirname(os.path.abspath(padengine.__file__))
+    assert os.path.abspath(EVAL_PROMPTS).startswith(package + os.sep)
