@@ -219,7 +219,8 @@ def end_to_end(shape, device, max_tokens, bandwidth, kernels, batches, kv_bytes,
             floor = 2 * model_bytes(cfg) / bandwidth * 1e3       # base and reward
             yield dict(shape=shape, batch=batch, engine_ms=pad_ms, engine_tok_s=batch / pad_ms * 1e3,
                        eager_ms=eager_ms, sync_ms=sync_ms, same_tokens=tokens == sync_tokens, tp_ms=tp_ms,
-                       base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor, vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
+                       base_alone_ms=base_ms, hf_ms=hf_ms, hf_tok_s=batch / hf_ms * 1e3, floor_ms=floor,
+                       vs_floor=pad_ms / floor, vs_hf=hf_ms / pad_ms)
 
 
 def main():
@@ -261,7 +262,8 @@ def main():
             result["end_to_end"].append(r)
             tp_cells = f"| {r['tp_ms']:.2f} | {r['tp_ms'] - r['eager_ms']:+.2f} " if layout else ""
             print(f"| {r['shape']} | {r['batch']} | {r['engine_ms']:.2f} | {r['engine_tok_s']:.0f} "
-                  f"| {r['eager_ms']:.2f} | {r['sync_ms']:.2f} | {'yes' if r['same_tokens'] else 'NO'} {tp_cells}| {r['base_alone_ms']:.2f} "
+                  f"| {r['eager_ms']:.2f} | {r['sync_ms']:.2f} | {'yes' if r['same_tokens'] else 'NO'} "
+                  f"{tp_cells}| {r['base_alone_ms']:.2f} "
                   f"| {r['hf_ms']:.2f} | {r['hf_tok_s']:.0f} "
                   f"| {r['floor_ms']:.2f} | {r['vs_floor']:.2f}x | {r['vs_hf']:.1f}x |", flush=True)
             if args.json:       # after every row, so a run cut short keeps what it measured

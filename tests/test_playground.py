@@ -53,11 +53,12 @@ def resize(driver, width, height):
 
 
 def open_page(driver, origin) -> str:
-    """Load the page (forgetting earlier requests) and wait until it has read the model's name."""
+    """Load the page (forgetting earlier requests) and wait until it has read the model's name (or failed
+    to): the page starts with the placeholder "model: …"."""
     from selenium.webdriver.support.ui import WebDriverWait
     requests_sent(driver)               # drop what came before, e.g. the browser's start-up tab (chrome://)
     driver.get(origin + "/")
-    WebDriverWait(driver, 10).until(lambda d: d.find_element("id", "model").text.startswith("model: "))
+    WebDriverWait(driver, 10).until(lambda d: d.find_element("id", "model").text not in ("", "model: …"))
     return driver.find_element("id", "model").text
 
 
