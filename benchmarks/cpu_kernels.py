@@ -132,6 +132,7 @@ class Step:
         self.engine = Engine(path, path, dtype=dtype, kernels=kernels, num_kv_blocks=blocks,
                              max_model_len=max(ctxs) + BLOCK, max_num_seqs=requests)
         self.runner, self.model = self.engine.runner, self.engine.runner.models[0]
+        self.sample = self.runner.ops.sample        # an attribute of its own, which `breakdown` times
         for layer in self.model.model.layers:
             layer.self_attn.k_cache.normal_()
             layer.self_attn.v_cache.normal_()
@@ -154,7 +155,7 @@ class Step:
     def full(self):
         logits = self.model.logits(self.model(self.ids, self.positions, self.batch))
         n = self.requests
-        return self.runner.sample(logits[:n], logits[n:].float(), *self.params, max_k=10)
+        return self.sample(logits[:n], logits[n:].float(), *self.params, max_k=10)
 
     def op_by_op(self, fn=None):
         """`fn` (default: `full`) with each decoder layer's modules run op by op, not as one native call."""
@@ -200,7 +201,7 @@ class Step:
                 finally:
                     spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
             return timed_call
-        wrapped = [(self.runner, "sample", "sampler")] + [
+        wrapped = [(self, "sample", "sampler")] + [
             (m, name, part) for m in self.model.modules() for kind, names in STEP_PARTS if isinstance(m, kind)
             for name, part in names]
         saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in wrapped]   # instance attributes, or None

@@ -131,7 +131,7 @@ def engine_for(folder, reward: bool, device, kernels, batch, kv_bytes, graphs=No
     folder's files (written by `save_random`), since mock patches do not reach the workers."""
     with contextlib.ExitStack() as patches:
         if not layout:
-            patches.enter_context(mock.patch("padengine.engine.model_runner.load_model", random_model))
+            patches.enter_context(mock.patch("padengine.executor.model_runner.load_model", random_model))
         patches.enter_context(mock.patch("padengine.engine.llm_engine.load_tokenizer", lambda *a: _Tokenizer()))
         patches.enter_context(mock.patch("padengine.engine.llm_engine.eos_token_ids", lambda *a: set()))
         reward_folder = os.path.join(folder, "reward") if reward else None

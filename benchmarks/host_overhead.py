@@ -92,6 +92,7 @@ def measure(base: str, reward: str, batch: int, steps: int, replay: bool = False
     for _ in range(steps):
         engine.step()
     wall = time.thread_time() - start
+    engine.close()          # its objects collected now, not by a later measurement's collector pass
     per = {k: v / steps * 1e3 for k, v in timers.total.items()}
     host = wall / steps * 1e3 - per.get("compute", 0.0)
     named = sum(v for k, v in per.items() if k != "compute")

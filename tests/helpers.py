@@ -85,7 +85,7 @@ def interleave(engine, plan) -> dict:
         if len(reqs) == len(plan) and not engine.has_work():
             break
         engine.step()
-    assert len(reqs) == len(plan) and all(p.num_used == 0 for p in engine.runner.pools)
+    assert len(reqs) == len(plan) and all(p.num_used == 0 for p in engine.scheduler.pools)
     return dict(reqs)
 
 

@@ -29,7 +29,7 @@ def test_greedy_async_matches_reference(llama, persrm, tokenizer, setting):
         assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert engine.in_flight is not None or not engine.scheduler.has_work()
     engine.step()                                    # collects the last launched step, if any
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 def test_several_preferences_with_graph_steps(qwen2, tokenizer):
@@ -94,7 +94,7 @@ def test_streams_with_stop_strings_and_aborts_equal_in_both_modes(llama, persrm,
                 break                                 # leaving the stream aborts what is left
         stream.close()
         engine.step()
-        assert all(p.num_used == 0 for p in engine.runner.pools)
+        assert all(p.num_used == 0 for p in engine.scheduler.pools)
         texts[mode] = (stop, out, [o.token_ids for o in engine.generate(
             prompt_token_ids=base, reward_prompt_token_ids=reward, params=params)])
     assert texts[False] == texts[True]

@@ -36,7 +36,7 @@ def test_chunked_prefill_matches_reference(llama, persrm, tokenizer, budget):
     partial = spy_chunks(engine)
     assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
     assert sum(partial) > 10
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 def test_chunked_prefill_one_model_several_preferences(qwen2, tokenizer):
@@ -60,7 +60,7 @@ def test_failed_chunk_leaves_no_unwritten_blocks_published(llama, persrm, tokeni
         generate(engine, base, reward, params)
     monkeypatch.setattr(engine.runner, "launch", launch)
     assert generate(engine, base, reward, params) == reference(llama, persrm, base, reward, params)
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 def test_reward_prompt_equal_to_base_prompt_is_prefilled_once(qwen2, tokenizer):

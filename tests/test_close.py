@@ -12,7 +12,8 @@ from tests.helpers import random_batch
 
 def holdings(engine) -> list[weakref.ref]:
     r = engine.runner
-    held = [engine, r, engine.scheduler, r.value_head, r.sampled_tokens, *filter(None, r.models), *r.pools,
+    held = [engine, r, engine.scheduler, r.value_head, r.sampled_tokens, *filter(None, r.models),
+            *engine.scheduler.pools,
             *[g.graph for g in r.graphs.graphs.values()]]
     held += [m.model.layers[0].self_attn.k_cache._base for m in r.models]       # the KV pool tensors
     return [weakref.ref(x) for x in held]

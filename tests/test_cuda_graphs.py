@@ -14,14 +14,14 @@ from tests.helpers import interleave, joining_plan, random_batch, reference
 def spy_graphs(engine):
     """Count the decode steps the graphs ran and the ones they sent back to the eager path."""
     counts = {"graph": 0, "eager": 0}
-    run = engine.runner.graphs.run
+    bucket = engine.runner.graphs.bucket
 
     def counted(decode):
-        result = run(decode)
-        counts["graph" if result is not None else "eager"] += 1
-        return result
+        shape = bucket(decode)
+        counts["graph" if shape is not None else "eager"] += 1
+        return shape
 
-    engine.runner.graphs.run = counted
+    engine.runner.graphs.bucket = counted
     return counts
 
 
@@ -33,7 +33,7 @@ def generate(engine, base, reward, params):
 def test_graph_steps_match_reference_under_preemption(llama, persrm, tokenizer, monkeypatch):
     """Rows of top-k 1, 10 and the whole vocabulary (two sampler widths), weight 0 rows, batches that
     shrink across buckets as requests finish, contexts that grow across table widths, and preemption."""
-    monkeypatch.setattr("padengine.engine.cuda_graphs.MIN_SPAN", 16)
+    monkeypatch.setattr("padengine.executor.cuda_graphs.MIN_SPAN", 16)
     base, reward, params = random_batch(len(tokenizer), n=16, seed=1)
     engine = Engine(llama, persrm, block_size=4, num_kv_blocks=40, cuda_graphs=True)
     counts = spy_graphs(engine)
@@ -45,7 +45,7 @@ def test_graph_steps_match_reference_under_preemption(llama, persrm, tokenizer, 
     keys = engine.runner.graphs.graphs
     assert {k[2] for k in keys} == {16, len(tokenizer)}         # top-k width: 10 rounded up, or whole vocab
     assert {k[3] for k in keys} >= {4, 8, 16}                   # blocks of 4: contexts up to 16, 32, 64
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 def test_graph_steps_pad_reward_streams_and_fall_back(qwen2, tokenizer):
@@ -98,7 +98,7 @@ def test_graph_steps_base_alone_with_sliding_window(mistral, tokenizer):
 
 
 def test_which_rows_a_graph_holds():
-    from padengine.engine.cuda_graphs import graphable
+    from padengine.executor.cuda_graphs import graphable
     vocab = 1000
     assert graphable(SamplingParams(top_k=10, top_p=0.5, top_logprobs=3), vocab)
     assert graphable(SamplingParams(top_k=0), vocab)
@@ -141,8 +141,8 @@ def test_first_step_of_a_bucket_runs_twice_and_replays_read_only_static_inputs(l
         p.max_tokens, p.ignore_eos = 8, True
     engine = Engine(llama, persrm, block_size=4, cuda_graphs=True, async_scheduling=True)
     runner, calls = engine.runner, []
-    compute = runner.compute
-    monkeypatch.setattr(runner, "compute", lambda x: (calls.append(x), compute(x))[1])
+    compute = runner.graphs.compute
+    monkeypatch.setattr(runner.graphs, "compute", lambda x: (calls.append(x), compute(x))[1])
     counts = spy_graphs(engine)
     expected = reference(llama, persrm, base, reward, params)
     assert generate(engine, base, reward, params) == expected
@@ -150,11 +150,11 @@ def test_first_step_of_a_bucket_runs_twice_and_replays_read_only_static_inputs(l
     static = [[i for i, x in enumerate(calls) if x is g.inputs] for g in graphs]
     assert counts["graph"] > 3 and sum(map(len, static)) == counts["graph"] + len(graphs)
     assert all(steps[1] == steps[0] + 1 for steps in static)       # warm-up, then the first replay
-    upload = runner.upload
+    upload = runner.graphs.upload
 
     def no_refill(values, dtype, out=None):
         refill = out is not None and any(out is g.ints or out is g.floats for g in runner.graphs.graphs.values())
         return out if refill else upload(values, dtype, out)
 
-    monkeypatch.setattr(runner, "upload", no_refill)
+    monkeypatch.setattr(runner.graphs, "upload", no_refill)
     assert generate(engine, base, reward, params) != expected

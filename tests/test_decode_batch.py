@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from padengine import Engine, SamplingParams
-from padengine.engine.step_inputs import layout_step
+from padengine.executor.layout import layout_step
 from tests.helpers import random_batch, reference
 
 
@@ -20,17 +20,20 @@ def checked(engine):
     def layout(decode, pad_to=None, width=None):
         step = persistent(decode, pad_to, width)
         if step is not None:
-            widths = {shape[1] for _, _, _, _, shape in step.fields.fields if shape}     # one, or none
+            widths = {shape[1] for *_, shape in step.fields.table if shape}     # one, or none
             want = layout_step(decode, [], runner.placement, runner.cfg.block_size, runner.sink, runner.vocab_size,
                                pad_to, width or max(widths), feed=runner.sampled_tokens is not None)
-            shapes = lambda fields: sorted(f[:2] + f[3:] for f in fields.fields)
+            # the same columns (group, model, name, dtype, size, shape) with the same values
+            shapes = lambda fields: sorted((f[:4] + f[5:] for f in fields.table), key=repr)
             assert shapes(step.fields) == shapes(want.fields)
             got, ref = step.fields.arrays(), want.fields.arrays()
-            for name in got:
-                assert np.array_equal(got[name], ref[name]), name
+            for key in got:
+                for name, values in vars(got[key]).items():
+                    assert (values is None) == (getattr(ref[key], name) is None), (key, name)
+                    assert values is None or np.array_equal(values, getattr(ref[key], name)), (key, name)
             assert (step.num_rows, step.num_rewards, step.max_k, step.num_top, step.base_logprobs) == \
                 (want.num_rows, want.num_rewards, want.max_k, want.num_top, want.base_logprobs)
-            assert [m and m["lens"] for m in step.models] == [m and m["lens"] for m in want.models]
+            assert [m and m.lens for m in step.models] == [m and m.lens for m in want.models]
             seen.append(len(decode))
         return step
     batch.layout = layout

@@ -2,8 +2,8 @@
 (the CPU path): token ids, log-probabilities, alternatives sorted best first without -inf, base ones."""
 import torch
 
-from padengine.engine.readback import Pending, Readback, pack
-from padengine.engine.step_inputs import StepResult
+from padengine.executor.step import StepResult
+from padengine.executor.transfer import Pending, Readback, pack
 from padengine.layers.sampler import Sample
 
 

@@ -38,7 +38,7 @@ def test_preemption_matches_reference(llama, persrm, tokenizer, kernels):
     outs, got = run(engine, base, reward, params)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert got == reference(llama, persrm, base, reward, params)
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 @BOTH_CPU_KERNELS
@@ -60,7 +60,7 @@ def test_self_guided_shares_one_model(fixture, request, tokenizer, kernels):
     path = request.getfixturevalue(fixture)
     base, reward, params = random_batch(len(tokenizer), n=16, seed=3)
     engine = Engine(path, path, block_size=8, kernels=kernels)
-    assert len(engine.runner.models) == 1 and len(engine.runner.pools) == 1
+    assert len(engine.runner.models) == 1 and len(engine.scheduler.pools) == 1
     _, got = run(engine, base, reward, params)
     assert got == reference(path, path, base, reward, params)
 
@@ -149,7 +149,7 @@ def test_several_weighted_preferences_match_reference(llama, persrm, tokenizer, 
     assert got == expected
     assert [len(o.reward_prompt_token_ids) for o in outs] == [len(m) for m in multi]
     assert sum(o.metrics.num_preemptions for o in outs) > 0          # all streams preempted together
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 def test_one_weighted_preference_equals_single_preference(llama, persrm, tokenizer):
@@ -227,4 +227,4 @@ def test_failed_step_leaves_no_uncomputed_blocks_in_the_prefix_cache(llama, pers
     outs, got = run(engine, base, reward, params)
     assert got == reference(llama, persrm, base, reward, params)
     assert outs[0].metrics.num_cached_tokens == 0 and outs[0].metrics.num_prompt_tokens == len(base[0])
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)

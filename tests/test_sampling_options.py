@@ -216,7 +216,7 @@ def test_n_choices_are_preempted_together_and_resume_the_same(llama, persrm, tok
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     for group in (b[i:i + 3] for i in range(0, 18, 3)):          # the group's running choices go together
         assert len({o.metrics.num_preemptions for o in group if o.finish_reason == "length"}) == 1
-    assert all(p.num_used == 0 for p in tight.runner.pools)
+    assert all(p.num_used == 0 for p in tight.scheduler.pools)
 
 
 def test_n_choices_must_fit_together(llama, persrm):

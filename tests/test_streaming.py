@@ -86,7 +86,7 @@ def test_async_engine_many_callers_and_cancel(engine):
     assert [ids for ids, _ in results[:12]] == [o.token_ids for o in expected]
     assert all(m.time_to_first_token > 0 and m.queue_time >= 0 for _, m in results[:12])
     assert not engine.scheduler.has_work()
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
     assert aengine.stats.finished["abort"] == 1
 
 
@@ -95,4 +95,4 @@ def test_leaving_a_stream_early_frees_its_requests(engine):
     next(stream)
     stream.close()
     assert not engine.scheduler.has_work()
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)

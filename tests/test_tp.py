@@ -20,7 +20,7 @@ from padengine import Engine, InvalidInput, SamplingParams
 from padengine.errors import EngineClosed
 from padengine.distributed.parallel import Shard
 from padengine.distributed.sampler import tp_candidates, tp_logprobs
-from padengine.distributed.workers import WorkerError
+from padengine.executor.workers import WorkerError
 from padengine.layers.sampler import candidate_scores, choose, merge_rewards, pad_sample
 from tests.helpers import random_batch, reference
 

@@ -71,7 +71,7 @@ def test_bad_request_names_field_and_does_no_work(engine, kwargs, field):
     assert err.value.field == field
     assert str(err.value).startswith(field)
     assert not engine.scheduler.has_work()
-    assert all(p.num_used == 0 for p in engine.runner.pools)
+    assert all(p.num_used == 0 for p in engine.scheduler.pools)
 
 
 def test_preference_forms_are_one_parser(engine, tokenizer):

@@ -6,9 +6,10 @@ path uses and the kernels are tested against.
 Each public function takes its reference's arguments, so the GPU path swaps them one for one:
 `pad_sample` (as `padengine.layers.sampler.pad_sample`, plus an optional `out=` buffer for the token
 ids), `paged_attention` (an `AttnBatch`, as `padengine.layers.attention.paged_attention`) and `write_kv`.
-`rms_norm` (as `padengine.models.llama.rms_norm`, residual add fused), `silu_and_mul` (as its namesake there) and `apply_rotary` (as
-`padengine.layers.rotary.apply_rotary`, in place). `paged_decode_attention` and `paged_prefill_attention` are the two halves of `paged_attention` on plain
-tensors. Without CUDA the kernels run only in Triton's interpreter, which TRITON_INTERPRET=1 switches on
+`rms_norm` (as `padengine.layers.norm.rms_norm`, residual add fused), `silu_and_mul` (as
+`padengine.layers.activation.silu_and_mul`) and `apply_rotary` (as `padengine.layers.rotary.apply_rotary`, in
+place). `paged_decode_attention` and `paged_prefill_attention` are the two halves of `paged_attention` on
+plain tensors. Without CUDA the kernels run only in Triton's interpreter, which TRITON_INTERPRET=1 switches on
 if it is set before triton is first imported.
 """
 from triton_kernels.activation import silu_and_mul

@@ -1,4 +1,4 @@
-"""SiLU-and-multiply (Triton): the GPU twin of `padengine.models.llama.silu_and_mul`.
+"""SiLU-and-multiply (Triton): the GPU twin of `padengine.layers.activation.silu_and_mul`.
 
 The MLP's fused gate/up projection gives [T, 2 * I]; one launch computes silu(gate) * up (the SiLU in
 float32, rounded to the model dtype before the product, as torch does) instead of two.

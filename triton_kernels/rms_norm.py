@@ -1,4 +1,4 @@
-"""RMSNorm with the residual add fused in (Triton): the GPU twin of `padengine.models.llama.rms_norm`.
+"""RMSNorm with the residual add fused in (Triton): the GPU twin of `padengine.layers.norm.rms_norm`.
 
 One program per row: optionally x + residual (in the model dtype, written back as the new residual),
 then x * rsqrt(mean(x^2) + eps) in float32, rounded to the model dtype and scaled by the weight, as

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from padengine.distributed.placement import Placement
 from padengine.errors import require
 from padengine.layers.linear import Embedding, FusedLinear, Linear
 
@@ -76,19 +75,6 @@ def check_splits(cfg, size: int, base_vocab: int, field: str) -> None:
     require(kv % size == 0 if kv >= size else size % kv == 0, field, f"{kv} KV heads: {why} (nor replicate)")
     require(cfg.intermediate_size % size == 0, field, f"intermediate_size {cfg.intermediate_size}: {why}")
     require(-(-base_vocab // size) * (size - 1) < base_vocab, field, f"a vocabulary of {base_vocab}: {why}")
-
-
-def rank_shards(placement: Placement, rank: int, base_vocab: int) -> list[Shard | None]:
-    """Per model, this rank's shard (None: the rank holds none of it). Every rank calls this in the same
-    order: it creates the process group of each set of ranks a model is split over."""
-    groups = {}
-    for m in placement.models:
-        if len(m.ranks) > 1 and m.ranks not in groups:
-            whole = len(m.ranks) == placement.world_size
-            groups[m.ranks] = dist.group.WORLD if whole else dist.new_group(list(m.ranks))
-    return [None if rank not in m.ranks else Shard() if len(m.ranks) == 1 else
-            Shard(m.ranks.index(rank), len(m.ranks), groups[m.ranks], -(-base_vocab // len(m.ranks)))
-            for m in placement.models]
 
 
 class ColumnParallelLinear(FusedLinear):

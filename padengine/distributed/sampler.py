@@ -4,8 +4,9 @@ With a vocabulary-parallel LM head a rank holds the base logits (and, when the r
 ranks, the merged reward logits) of its slice of ids only. `tp_candidates`: each rank takes its local top-k
 of the base logits, the ranks all-gather k (id, z_b, z_r) triples per row, and the top-k of those is the
 global candidate set C with its base and reward logits. The PAD score needs nothing else (the log-softmax
-over C reads C's logits only), so `candidate_scores` and `choose` give the single-device result. No rank
-gathers a whole row, except that a whole-vocabulary row (top_k=0) makes every id a candidate.
+over C reads C's logits only), so `candidate_scores` and `choose` give the single-device result
+(executor/sampling.py puts the pieces together for each placement). No rank gathers a whole row, except
+that a whole-vocabulary row (top_k=0) makes every id a candidate.
 
 With the reward model on a rank of its own, `exchange` sends the candidates' ids and base logits (N x k)
 to it; it merges its streams at those ids and sends N x k reward logits (and the row weights) back.
@@ -14,33 +15,7 @@ import torch
 import torch.distributed as dist
 
 from padengine.distributed.parallel import Shard
-from padengine.layers.sampler import Sample, candidate_scores, candidates, choose, merge_rewards, num_candidates
-
-
-def split_sample(x, base_logits, rows, tp: Shard | None, vocab: int, reward_rank: int | None, device) -> Sample | None:
-    """The sampler of a step (`StepInputs` x) whose logits are split: the base's across the ranks of `tp`
-    (its rank's slice; None on a reward-only rank), the reward streams' `rows` on the same ranks
-    (`reward_rank` None) or on the rank `reward_rank` of their own. Returns None on that rank."""
-    t = x.tensors
-    weight = torch.zeros(x.num_rows, device=device)
-    if reward_rank is None:
-        merged = None
-        if rows is not None:
-            merged, weight = merge_rewards(base_logits, rows, t["owner"], t["weights"])
-        cand, zb, zr, invalid = tp_candidates(base_logits, merged, t["top_k"], x.max_k, vocab, tp)
-    else:
-        cand = zb = zr = invalid = None
-        if base_logits is not None and tp.size == 1:
-            cand, zb, invalid = candidates(base_logits, t["top_k"], x.max_k)
-        elif base_logits is not None:
-            cand, zb, _, invalid = tp_candidates(base_logits, None, t["top_k"], x.max_k, vocab, tp)
-        if x.num_rewards:
-            shape = (x.num_rows, min(x.max_k, vocab))
-            zr, weight = exchange(cand, zb, rows, t["owner"], t["weights"], shape, reward_rank, device)
-        if base_logits is None:
-            return None
-    score = zb if zr is None else candidate_scores(zb, zr, weight, invalid)
-    return choose(cand, score, t["temperature"], t["seed"], t["position"], t.get("top_p"), t.get("min_p"), x.num_top)
+from padengine.layers.sampler import merge_rewards, num_candidates
 
 
 def tp_candidates(base, reward, top_k, max_k: int, vocab: int, tp: Shard):

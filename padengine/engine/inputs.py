@@ -8,7 +8,7 @@ message under the chat template.
 """
 from itertools import count
 
-from padengine.distributed.placement import Placement
+from padengine.executor.placement import Placement
 from padengine.engine.block_manager import BlockManager
 from padengine.engine.sequence import Request, Sequence
 from padengine.errors import InvalidInput, require, require_range

@@ -1,5 +1,7 @@
 """The Engine: the public entry point. It has its inputs turned into requests (engine/inputs.py), feeds
-them to the scheduler, runs steps on the model runner and returns outputs.
+them to the scheduler, runs each scheduled batch on the executor (padengine/executor/: launch, collect)
+and returns outputs. The host side (this folder) owns the requests and the KV blocks' bookkeeping; the
+executor owns everything on the device.
 """
 import gc
 import logging
@@ -9,11 +11,12 @@ import torch
 from tqdm import tqdm
 
 from padengine.config import EngineConfig
-from padengine.engine.model_runner import ModelRunner
+from padengine.engine.block_manager import BlockManager
 from padengine.engine.scheduler import Scheduler
 from padengine.engine.inputs import InputProcessor
 from padengine.engine.sequence import Request, RequestOutput
 from padengine.errors import EngineClosed, require
+from padengine.executor.model_runner import ModelRunner
 from padengine.models.loader import eos_token_ids, load_tokenizer
 from padengine.sampling_params import SamplingParams
 from padengine.engine.detokenizer import IncrementalDetokenizer, StreamOutput
@@ -34,10 +37,11 @@ class Engine:
                     "its tokenizer vocabulary differs from the base model's")
         self.eos_ids = eos_token_ids(base_model, self.tokenizer)
         self.max_model_len = self.runner.max_model_len
-        self.scheduler = Scheduler(self.runner.pools, cfg.max_num_seqs, self.runner.max_batched_tokens)
+        pools = [BlockManager(self.runner.num_blocks, cfg.block_size) for _ in self.runner.placement.models]
+        self.scheduler = Scheduler(pools, cfg.max_num_seqs, self.runner.max_batched_tokens)
         self.in_flight = None       # asynchronous scheduling: the launched step not yet collected
         self.inputs = InputProcessor(self.tokenizer, self.reward_tokenizer, self.runner.vocab_size,
-                                     self.max_model_len, self.eos_ids, self.runner.pools, self.runner.placement,
+                                     self.max_model_len, self.eos_ids, pools, self.runner.placement,
                                      cfg.seed, cfg.max_num_seqs)
 
     def generate(self, prompts: list[str] | None = None,

@@ -24,25 +24,12 @@ import logging
 import time
 from collections import deque
 from itertools import repeat
-from dataclasses import dataclass
 
 from padengine.engine.block_manager import BlockManager
-from padengine.engine.readback import StepTokens
-from padengine.engine.sequence import Request, Status
+from padengine.engine.sequence import Batch, Request, Status
+from padengine.executor.transfer import StepTokens
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """One step: the requests that decode a token, the ones that prefill (a chunk or all that is left),
-    and which of them the step samples (the decoding ones, then prefills that complete)."""
-    decode: list[Request]
-    prefill: list[Request]
-    sampled: list[Request]
-
-    def __bool__(self) -> bool:
-        return bool(self.decode or self.prefill)
 
 
 class Scheduler:

@@ -1,4 +1,5 @@
-"""A request and its token streams.
+"""A request and its token streams, and a scheduled step's batch of them: the host's data model, which the
+executor (padengine/executor/) reads to lay a step out.
 
 A request owns one base stream and, when it is guided, one reward stream per weighted preference; each
 stream is a token list with a block table in its model's KV pool. All streams receive every chosen
@@ -176,3 +177,15 @@ class Request:
         self.finish_reason = reason
         self.status = Status.FINISHED
         self.metrics.finished_time = time.perf_counter()
+
+
+@dataclass
+class Batch:
+    """One step: the requests that decode a token, the ones that prefill (a chunk or all that is left),
+    and which of them the step samples (the decoding ones, then prefills that complete)."""
+    decode: list[Request]
+    prefill: list[Request]
+    sampled: list[Request]
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.prefill)

@@ -136,19 +136,20 @@ def apply_penalties(logits, counts, seen, repetition, presence, frequency):
     return out
 
 
-def penalizer(t: dict[str, torch.Tensor], generated: torch.Tensor, rows: int, vocab: int, cols: slice):
-    """`penalize(logits, owners)`: the step's penalties on logits whose rows belong to sampler rows
-    `owners` (a slice or an index tensor; `rows` is the neutral row of padding streams). Occurrence counts
-    are built on the device from the uploaded (row, token) pairs; `cols` are the ids the logits hold (a
-    rank's vocabulary slice)."""
-    counts = torch.zeros(rows + 1, vocab, device=t["repetition"].device)
-    ones = torch.ones(t["generated_rows"].shape[0], device=counts.device)
-    counts.index_put_((t["generated_rows"], generated), ones, accumulate=True)
+def penalizer(p, generated: torch.Tensor, rows: int, vocab: int, cols: slice):
+    """`penalize(logits, owners)`: the step's penalties (`p`, executor/step.py's `Penalties`) on logits whose
+    rows belong to sampler rows `owners` (a slice or an index tensor; `rows` is the neutral row of padding
+    streams). Occurrence counts are built on the device from the uploaded (row, token) pairs, `generated`
+    being the tokens with the pending ones read; `cols` are the ids the logits hold (a rank's vocabulary
+    slice)."""
+    counts = torch.zeros(rows + 1, vocab, device=p.repetition.device)
+    ones = torch.ones(p.generated_rows.shape[0], device=counts.device)
+    counts.index_put_((p.generated_rows, generated), ones, accumulate=True)
     seen = counts > 0
-    seen[t["prompt_rows"], t["prompt_tokens"]] = True
+    seen[p.prompt_rows, p.prompt_tokens] = True
     counts, seen = counts[:, cols], seen[:, cols]
-    return lambda logits, owners: apply_penalties(logits, counts[owners], seen[owners], t["repetition"][owners],
-                                                  t["presence"][owners], t["frequency"][owners])
+    return lambda logits, owners: apply_penalties(logits, counts[owners], seen[owners], p.repetition[owners],
+                                                  p.presence[owners], p.frequency[owners])
 
 
 def merge_rewards(base_logits, reward_rows, owner, weights):

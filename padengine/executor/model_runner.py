@@ -1,37 +1,41 @@
-"""Runs one step on the models: builds the flattened inputs, runs each model once over all of its
-streams, computes base and reward logits of the last token of each stream, and samples.
+"""The executor's one interface: a scheduled batch in (`launch`), a pending result out, its tokens collected
+(`collect`). It loads the models this rank holds and their KV pools, lays the step out (the persistent
+decode batch, else the general layout), uploads it, and runs it: each model once over all of its streams
+(`compute`), then the PAD math (executor/sampling.py); decode steps that fit a CUDA graph replay one.
 
 When base and reward are the same folder the weights are loaded once and both roles share one model
 and one KV pool: a step then runs a single forward over base and reward streams together (and a
 reward prompt equal to the base prompt hits the base stream's prefix-cached blocks).
 
-Where each model lives is the `Placement` (distributed/placement.py). With several ranks, one runner per
+Where each model lives is the `Placement` (executor/placement.py). With several ranks, one runner per
 rank holds that rank's shards and KV pool slices; rank 0's (the engine's) also schedules: each step it
-broadcasts the layout to the worker processes (distributed/workers.py) and all ranks run `compute`
-together, meeting in the layers' all-reduces and the distributed sampler (distributed/sampler.py).
+broadcasts the layout to the worker processes (executor/workers.py, which run this class) and all ranks
+run `compute` together, meeting in the layers' all-reduces and the distributed sampler.
 """
 import contextlib
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from padengine.config import DEFAULT_BATCHED_TOKENS, EngineConfig
-from padengine.distributed.parallel import check_splits, rank_shards
-from padengine.distributed.placement import place
-from padengine.distributed.sampler import split_sample, tp_logprobs
-from padengine.distributed.workers import Workers
-from padengine.engine.cuda_graphs import DecodeGraphs
-from padengine.engine.decode_batch import DecodeBatch
-from padengine.engine.kv_pool import allocate_kv
-from padengine.engine.readback import Pending, Readback, StepTokens
-from padengine.engine.scheduler import Batch
-from padengine.engine.sequence import Request
-from padengine.engine.step_inputs import ModelInputs, StepInputs, StepLayout, StepResult, Uploader, layout_step
+from padengine.distributed.parallel import check_splits
+from padengine.engine.sequence import Batch, Request
 from padengine.errors import require
+from padengine.executor.cuda_graphs import DecodeGraphs
+from padengine.executor.decode_batch import DecodeBatch
+from padengine.executor.kv_pool import allocate_kv
+from padengine.executor.layout import layout_step
+from padengine.executor.placement import place, rank_shards
+from padengine.executor.sampling import Sampling
+from padengine.executor.fields import StepLayout
+from padengine.executor.step import ModelInputs, StepInputs, StepResult, fed
+from padengine.executor.transfer import Pending, Readback, StepTokens, Uploader
+from padengine.executor.workers import Workers
 from padengine.kernels import get_ops
-from padengine.layers.sampler import Sample, merge_rewards, penalizer
+from padengine.layers.sampler import Sample
 from padengine.models import value_head
 from padengine.models.loader import load_config, load_model
 
@@ -44,6 +48,16 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     on Hopper) for each stream it has run on until the process ends, so a stream per engine would leave
     one behind with every engine closed."""
     return torch.cuda.Stream(device)
+
+
+@dataclass
+class Uploaded:
+    """The last persistent decode step's device arrays and their views, reused by a step of its shape."""
+    shape: tuple
+    ints: torch.Tensor
+    floats: torch.Tensor
+    inputs: StepInputs
+    step: StepLayout
 
 
 class ModelRunner:
@@ -74,7 +88,7 @@ class ModelRunner:
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda:
             torch.cuda.set_device(self.device)
-        self.workers = Workers(cfg, p.world_size) if rank == 0 and p.world_size > 1 else None
+        self.workers = Workers(cfg, p.world_size, ModelRunner) if rank == 0 and p.world_size > 1 else None
         with self.workers.guard() if self.workers else contextlib.nullcontext():
             self._load(model_cfgs)
         two_on_cuda = self.on_cuda and all(m is not None for m in self.models) and len(self.models) == 2
@@ -85,10 +99,14 @@ class ModelRunner:
         # asynchronous scheduling: each step leaves its tokens here, where the next one reads its inputs
         self.sampled_tokens = (torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=self.device)
                                if cfg.async_scheduling else None)
+        self.sampling = Sampling(self.models, self.value_head, p, self.shards, self.vocab_size, self.ops.sample,
+                                 self.sampled_tokens, self.device)
         self.decode_batch = DecodeBatch(p, cfg.block_size, self.sink, self.vocab_size, cfg.async_scheduling)
-        self.last_inputs = None     # (layout shape, ints, floats, inputs, step) of the last persistent decode step
-        self.sample = self.ops.sample
-        self.graphs = DecodeGraphs(self, cfg.max_num_seqs) if cfg.cuda_graphs else None
+        self.last_upload: Uploaded | None = None
+        self.graphs = None
+        if cfg.cuda_graphs:
+            self.graphs = DecodeGraphs(self.compute, self.upload, self.sampled_tokens, self.windows, self.device,
+                                       cfg.max_num_seqs, self.max_model_len, cfg.block_size, self.vocab_size)
 
     def _load(self, model_cfgs) -> None:
         """This rank's shards of the models it holds (None for the others), its value head and KV pools."""
@@ -104,8 +122,9 @@ class ModelRunner:
             self.value_head = value_head.load(cfg.reward_model, model_cfgs[-1].hidden_size, cfg.torch_dtype,
                                               self.device, "reward_model")
         self.windows = [c.sliding_window for c in model_cfgs]
-        self.pools, self.sink = allocate_kv(cfg, self.models, self.device, self.placement.world_size,
-                                            self.max_batched_tokens, self.max_model_len)
+        self.num_blocks = allocate_kv(cfg, self.models, self.device, self.placement.world_size,
+                                      self.max_batched_tokens, self.max_model_len)
+        self.sink = self.num_blocks     # one block past the last: where padding streams write
 
     def close(self) -> None:
         """Stop the other ranks' worker processes (a no-op on one rank)."""
@@ -120,9 +139,10 @@ class ModelRunner:
             torch.cuda.set_device(self.device)      # per thread: Triton and graph capture use the current device
         with self.inference:
             try:
-                result = self.graphs.run(batch.decode) if self.graphs is not None and not batch.prefill else None
-                static = result is not None     # a graph's outputs: its next replay overwrites them
-                if result is None:
+                bucket = self.graphs.bucket(batch.decode) if self.graphs is not None and not batch.prefill else None
+                if bucket is not None:
+                    result = self.graphs.run(self.layout(batch.decode, [], bucket.pad_to, bucket.width))
+                else:
                     step = self.layout(batch.decode, batch.prefill)
                     ints, floats, inputs = self._upload(step)
                     if self.workers is None:
@@ -134,26 +154,26 @@ class ModelRunner:
             except BaseException:
                 self.decode_batch.reset()
                 raise
-            return self.readback.start(result, len(batch.sampled), static)
+            # a graph's outputs are static: its next replay overwrites them
+            return self.readback.start(result, len(batch.sampled), static=bucket is not None)
 
     def _upload(self, step: StepLayout) -> tuple[torch.Tensor, torch.Tensor, StepInputs]:
         """The step's two value arrays on the device and its tensors there. A persistent decode step
         shaped as the last one refills the last one's device arrays and keeps their views; on the CPU
         those are the arrays' own memory, so the very step laid out last needs no copy at all."""
-        shape = (step.fields.fields, step.max_k, step.num_top, step.base_logprobs) if step.reusable else None
-        last = self.last_inputs
-        if shape is not None and last is not None and last[0] == shape and (self.on_cuda or last[4] is step):
-            _, ints, floats, inputs, _ = last
+        shape = step.shape() if step.reusable else None
+        last = self.last_upload
+        if shape is not None and last is not None and last.shape == shape and (self.on_cuda or last.step is step):
             if self.on_cuda:
-                self.upload(step.fields.ints, torch.long, out=ints)
-                self.upload(step.fields.floats, torch.float32, out=floats)
-            for x, h in zip(inputs.models, step.models):
+                self.upload(step.fields.ints, torch.long, out=last.ints)
+                self.upload(step.fields.floats, torch.float32, out=last.floats)
+            for x, h in zip(last.inputs.models, step.models):
                 if x is not None:
-                    x.batch.context_lens_cpu = h["lens"]
-            return ints, floats, inputs
+                    x.batch.context_lens_cpu = h.lens
+            return last.ints, last.floats, last.inputs
         ints, floats = self.upload(step.fields.ints, torch.long), self.upload(step.fields.floats, torch.float32)
         inputs = step.inputs(ints, floats, self.windows, static=False)
-        self.last_inputs = (shape, ints, floats, inputs, step) if shape is not None else None
+        self.last_upload = Uploaded(shape, ints, floats, inputs, step) if shape is not None else None
         return ints, floats, inputs
 
     def collect(self, pending: Pending) -> StepTokens:
@@ -163,7 +183,7 @@ class ModelRunner:
         except BaseException:
             self.decode_batch.reset()       # its next step must not read these tokens as the last ones
             raise
-        self.decode_batch.drawn = results.tokens
+        self.decode_batch.read_back(results.tokens)
         return results
 
     def layout(self, decode: list[Request], prefill: list[Request], pad_to=None, width=None) -> StepLayout:
@@ -178,48 +198,17 @@ class ModelRunner:
                            pad_to, width, feed=self.sampled_tokens is not None)
 
     def compute(self, x: StepInputs) -> StepResult | None:
-        """The step on the device: forwards, LM heads, penalties, reward merge and sampler. Nothing here
-        waits on the host, so a CUDA graph can capture it for a decode step. With several ranks every rank
-        runs it (a reward-only rank returns None)."""
+        """The step on the device: the forwards, then the PAD math. Nothing here waits on the host, so a
+        CUDA graph can capture it for a decode step. With several ranks every rank runs it (a reward-only
+        rank returns None)."""
         hidden = self._forward_all(x.models)
         if not x.num_rows:         # only chunks of prefills that do not finish in this step
             empty = torch.empty(0, device=self.device)
             return StepResult(Sample(empty.long(), empty, empty.long()[:, None], empty[:, None]), None)
-        t, p = x.tensors, self.placement
-        penalize = None
-        if "repetition" in t:
-            generated = self._fed(t["generated_tokens"], t.get("generated_feed"))
-            start, end = next(filter(None, self.shards)).vocab_range(self.vocab_size)
-            penalize = penalizer(t, generated, x.num_rows, self.vocab_size, slice(start, end))
-        raw_logits = base_logits = rows = None
-        if self.models[0] is not None:
-            raw_logits = base_logits = self.models[0].logits(hidden[0][:x.num_rows])
-            if penalize:
-                base_logits = penalize(base_logits, slice(0, x.num_rows))
-        if x.num_rewards and self.models[p.reward] is not None:
-            rows = self.models[p.reward].logits(hidden[p.reward][x.reward_start:x.reward_start + x.num_rewards],
-                                                self.value_head)
-            if penalize:
-                rows = penalize(rows, t["owner"])
-        if p.reward_apart or self.shards[0].size > 1:
-            reward_rank = p.models[1].ranks[0] if p.reward_apart else None
-            sample = split_sample(x, base_logits, rows, self.shards[0], self.vocab_size, reward_rank, self.device)
-            if sample is None:      # the reward rank: its part was the exchange
-                return None
-        else:
-            reward_logits, weight = None, torch.zeros(x.num_rows, device=self.device)
-            if rows is not None:
-                reward_logits, weight = merge_rewards(base_logits, rows, t["owner"], t["weights"])
-            sample = self.sample(base_logits, reward_logits, t["top_k"], weight, t["temperature"], t["seed"],
-                                 t["position"], t.get("top_p"), t.get("min_p"), max_k=x.max_k, num_top=x.num_top)
-        if self.sampled_tokens is not None:
-            self.sampled_tokens[:x.num_rows].copy_(sample.tokens)
-        base_lp = None
-        if x.base_logprobs and self.shards[0].size > 1:
-            base_lp = tp_logprobs(raw_logits, sample.tokens, self.vocab_size, self.shards[0])
-        elif x.base_logprobs:
-            base_lp = torch.log_softmax(raw_logits.float(), -1).gather(1, sample.tokens[:, None]).squeeze(1)
-        return StepResult(sample, base_lp)
+        result = self.sampling(x, hidden)
+        if result is not None and self.sampled_tokens is not None:
+            self.sampled_tokens[:x.num_rows].copy_(result.sample.tokens)
+        return result
 
     def _forward_all(self, models: list[ModelInputs | None]) -> list[torch.Tensor | None]:
         """Each model's hidden states at its streams' last tokens. On CUDA with two models, the reward
@@ -238,10 +227,6 @@ class ModelRunner:
         return [base, reward]
 
     def _forward(self, m: int, x: ModelInputs) -> torch.Tensor:
-        hidden = self.models[m](self._fed(x.input_ids, x.feed), x.positions, x.batch)
-        return hidden if x.pick is None else hidden[x.pick]
-
-
-    def _fed(self, ids: torch.Tensor, feed: torch.Tensor | None) -> torch.Tensor:
-        """ids with the PENDING ones taken from the previous step's tokens (feed: their rows, else -1)."""
-        return ids if feed is None else torch.where(feed >= 0, self.sampled_tokens[feed.clamp(min=0)], ids)
+        f = x.forward
+        hidden = self.models[m](fed(f.input_ids, f.feed, self.sampled_tokens), f.positions, x.batch)
+        return hidden if f.pick is None else hidden[f.pick]

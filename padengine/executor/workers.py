@@ -2,8 +2,10 @@
 
 Rank 0 (the engine's process) schedules. Each step it first sets the store key `step/<n>` (workers wait
 for it with no time limit, so an engine idle for any length of time keeps its workers), then broadcasts the
-step's layout (`StepLayout.header`, pickled) and its two uploaded value lists; every rank then runs `ModelRunner.compute` on them, the ranks
-meeting in the layers' all-reduces and the sampler's gathers. Workers only run forwards.
+step's layout (`StepLayout.header`, pickled) and its two uploaded value arrays; every rank then runs the
+runner's `compute` on them, the ranks meeting in the layers' all-reduces and the sampler's gathers. Workers
+only run forwards: each builds the runner class rank 0 hands it (`Workers(..., runner)`), so this module
+needs none of the executor's others.
 
 Failures: a worker that dies while starting (before it reaches the rendezvous store) makes the Engine
 raise `WorkerError` at once; one that has exited makes the next step raise it at once; one that dies during a
@@ -45,15 +47,16 @@ def init_group(cfg, rank: int, world_size: int, store):
 
 
 class Workers:
-    def __init__(self, cfg, world_size: int):
+    def __init__(self, cfg, world_size: int, runner: type):
+        """`runner`: the class each worker builds for its rank (`runner(cfg, rank)`); spawn pickles it by name."""
         require(not dist.is_initialized(), "tensor_parallel_size",
                 "another multi-process engine runs in this process: close() it first")
         self.timeout = timedelta(seconds=cfg.worker_timeout)
         self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=self.timeout,
                                    wait_for_workers=False)
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, args=(cfg, rank, world_size, self.store.port), daemon=True,
-                                  name=f"padengine-rank{rank}") for rank in range(1, world_size)]
+        self.procs = [ctx.Process(target=_worker_main, args=(cfg, rank, world_size, self.store.port, runner),
+                                  daemon=True, name=f"padengine-rank{rank}") for rank in range(1, world_size)]
         for p in self.procs:
             p.start()
         self.stop = weakref.finalize(self, _stop, self.procs)
@@ -148,15 +151,14 @@ def _stop(procs) -> None:
         dist.destroy_process_group()
 
 
-def _worker_main(cfg, rank: int, world_size: int, port: int) -> None:
-    from padengine.engine.model_runner import ModelRunner     # the runner imports this module
+def _worker_main(cfg, rank: int, world_size: int, port: int, runner_class: type) -> None:
     if cfg.torch_device.type == "cpu":
         torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
                           timeout=timedelta(seconds=cfg.worker_timeout))
     store.set(f"started/{mp.current_process().name}", "1")
     host = init_group(cfg, rank, world_size, store)
-    runner = ModelRunner(cfg, rank)
+    runner = runner_class(cfg, rank)
     idle = timedelta(days=365 * 100)     # between steps a worker waits as long as rank 0 lives (its store)
     with torch.inference_mode():
         for step in itertools.count():

@@ -1,6 +1,7 @@
 """The KV pools: how many blocks fit (num_kv_blocks, else kv_cache_bytes, else what the device leaves after a
-step's activations), one pool tensor per model with every layer's K and V as views into it, and one block
-manager per model over the same block count.
+step's activations), and one pool tensor per model with every layer's K and V as views into it. Which
+blocks are free or cached is the host's (engine/block_manager.py: one block manager per model over the
+same block count).
 """
 import logging
 
@@ -8,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from padengine.config import CPU_KV_BYTES, GPU_KV_FRACTION, EngineConfig
-from padengine.engine.block_manager import BlockManager
 from padengine.errors import require
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,10 @@ def activation_bytes(cfg: EngineConfig, models, max_batched_tokens: int, elem: i
 
 
 def allocate_kv(cfg: EngineConfig, models, device: torch.device, world_size: int, max_batched_tokens: int,
-                max_model_len: int) -> tuple[list[BlockManager], int]:
-    """The block managers (one per model slot, None models included) and the sink block: one block past the
-    last, owned by no sequence, where padded graph rows write. With several ranks every rank gets the
-    fewest blocks any of them fits, so that block ids agree."""
+                max_model_len: int) -> int:
+    """The number of blocks each pool holds, its pools allocated and handed to the models' layers, with one
+    block more: the sink block, owned by no sequence, where padded graph rows write. With several ranks
+    every rank gets the fewest blocks any of them fits, so that block ids agree."""
     bs = cfg.block_size
     elem = torch.empty((), dtype=cfg.torch_dtype).element_size()
     kv_heads = [0 if m is None else m.tp.heads(m.config.num_heads, m.config.num_kv_heads)[1] for m in models]
@@ -64,4 +64,4 @@ def allocate_kv(cfg: EngineConfig, models, device: torch.device, world_size: int
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv[0, i], kv[1, i]
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * nbytes / 2**20)
-    return [BlockManager(num_blocks, bs) for _ in models], num_blocks
+    return num_blocks

@@ -29,7 +29,9 @@ from typing import Callable
 import torch
 
 from padengine.engine.sequence import Request
-from padengine.engine.step_inputs import StepInputs, StepResult
+from padengine.executor.fields import StepLayout
+from padengine.executor.step import StepInputs, StepResult
+from padengine.executor.transfer import Uploader
 from padengine.layers.sampler import MAX_FUSED_TOP_K
 from padengine.sampling_params import SamplingParams
 
@@ -77,58 +79,70 @@ class Graph:
     graph: StepGraph
 
 
+@dataclass(frozen=True)
+class Bucket:
+    """A graph's static shape, known before the step is laid out."""
+    pad_to: tuple[int, int]         # rows, reward streams
+    width: int                      # blocks per table
+
+
 class DecodeGraphs:
-    def __init__(self, runner, max_rows: int):
-        self.runner = runner
+    """The decode graphs of one runner: `bucket` says whether a batch fits one (and its padded shape), the
+    runner lays the step out in that shape, and `run` replays the bucket's graph over it (capturing it on
+    its first step). `compute` runs a step on its inputs; `fed` is the one buffer `compute` reads and also
+    writes (the asynchronous loop's fed token ids; None in the synchronous one)."""
+
+    def __init__(self, compute: Callable[[StepInputs], StepResult], upload: Uploader, fed: torch.Tensor | None,
+                 windows: list[int | None], device: torch.device, max_rows: int, max_model_len: int,
+                 block_size: int, vocab: int):
+        self.compute, self.upload, self.fed, self.windows, self.device = compute, upload, fed, windows, device
+        self.max_model_len, self.block_size, self.vocab = max_model_len, block_size, vocab
         self.sizes = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.graphs: dict[tuple, Graph] = {}
-        self.capture = runner.device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def _bucket(self, n: int) -> int | None:
+    def _size(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
-    def run(self, decode: list[Request]) -> StepResult | None:
-        """The step's results on the device, padded; None if it needs eager."""
-        vocab = self.runner.vocab_size
-        ks = [r.params.num_candidates(vocab) for r in decode]
+    def bucket(self, decode: list[Request]) -> Bucket | None:
+        """The padded shape of a decode-only batch's graph; None if the step must run eagerly."""
         num_rewards = sum(len(r.rewards) for r in decode)
-        rows, reward_rows = self._bucket(len(decode)), self._bucket(num_rewards) if num_rewards else 0
-        if rows is None or reward_rows is None or not all(graphable(r.params, vocab) for r in decode):
+        rows, reward_rows = self._size(len(decode)), self._size(num_rewards) if num_rewards else 0
+        if rows is None or reward_rows is None or not all(graphable(r.params, self.vocab) for r in decode):
             return None
-        span = min(max(MIN_SPAN, _pow2_ceil(max(len(s) for r in decode for s in r.streams))),
-                   self.runner.max_model_len)
-        width = -(-span // self.runner.cfg.block_size)
+        span = min(max(MIN_SPAN, _pow2_ceil(max(len(s) for r in decode for s in r.streams))), self.max_model_len)
+        return Bucket((rows, reward_rows), -(-span // self.block_size))
+
+    def run(self, step: StepLayout) -> StepResult:
+        """The step (laid out in its `bucket`) on the device: its results in the graph's static outputs."""
         # one sampler width per graph: the whole vocabulary, or the largest k rounded up to a power of two
-        step = replace(self.runner.layout(decode, [], (rows, reward_rows), width),
-                       max_k=vocab if vocab in ks else min(MAX_FUSED_TOP_K, vocab, max(16, _pow2_ceil(max(ks)))))
-        key = (rows, reward_rows, step.max_k, width, "top_p" in step.fields.names, step.num_top, step.base_logprobs)
+        k = step.max_k
+        step = replace(step, max_k=k if k == self.vocab else min(MAX_FUSED_TOP_K, self.vocab, max(16, _pow2_ceil(k))))
+        key = step.key()
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(step)
             return g.graph.outputs
-        self.runner.upload(step.fields.ints, torch.long, out=g.ints)
-        self.runner.upload(step.fields.floats, torch.float32, out=g.floats)
+        self.upload(step.fields.ints, torch.long, out=g.ints)
+        self.upload(step.fields.floats, torch.float32, out=g.floats)
         return g.graph.replay()
 
-    def _capture(self, step) -> Graph:
+    def _capture(self, step: StepLayout) -> Graph:
         """Warm up, record and replay the step: its results, in the graph's static outputs."""
-        r = self.runner
         # buffers of the graph's own (a CPU upload may share the host arrays, which the persistent batch
         # changes in place: a replay must see only what is refilled)
-        ints = r.upload(step.fields.ints, torch.long, out=torch.empty(len(step.fields.ints), dtype=torch.long,
-                                                                      device=r.device))
-        floats = r.upload(step.fields.floats, torch.float32,
-                          out=torch.empty(len(step.fields.floats), dtype=torch.float32, device=r.device))
-        inputs = step.inputs(ints, floats, r.windows, static=True)
-        fed = r.sampled_tokens
-        previous = None if fed is None else fed.clone()
-        r.compute(inputs)       # warm-up: compiles the Triton kernels
+        ints = self.upload(step.fields.ints, torch.long,
+                           out=torch.empty(len(step.fields.ints), dtype=torch.long, device=self.device))
+        floats = self.upload(step.fields.floats, torch.float32,
+                             out=torch.empty(len(step.fields.floats), dtype=torch.float32, device=self.device))
+        inputs = step.inputs(ints, floats, self.windows, static=True)
+        previous = None if self.fed is None else self.fed.clone()
+        self.compute(inputs)       # warm-up: compiles the Triton kernels
         if previous is not None:
-            fed.copy_(previous)     # the warm-up left this step's tokens where the replay reads its inputs
-        graph = StepGraph(lambda: r.compute(inputs), self.pool)
+            self.fed.copy_(previous)     # the warm-up left this step's tokens where the replay reads its inputs
+        graph = StepGraph(lambda: self.compute(inputs), self.pool)
         graph.replay()
-        if self.capture:
+        if self.pool is not None:
             logger.info("captured a decode CUDA graph: %d rows, %d reward streams, top-k width %d, "
                         "%d blocks per table", step.num_rows, step.num_rewards, step.max_k,
                         inputs.models[0].batch.block_tables.shape[1])

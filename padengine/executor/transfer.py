@@ -1,4 +1,7 @@
-"""A step's results, device to host: packed into one tensor, copied without blocking, read when needed.
+"""A step's transfers: its inputs up to the device, its results back to the host.
+
+`Uploader` copies a step's two host arrays (executor/step.py) to the device, one copy each, through a
+reused pinned staging buffer per dtype on CUDA.
 
 `Readback.start` packs the sampled rows' token ids, log-probabilities, alternatives and base-model
 log-probabilities into one float64 tensor (token ids are exact in float64) and queues its copy into a
@@ -11,9 +14,39 @@ next replay overwrites before an asynchronous loop reads them; on CUDA the queue
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from padengine.engine.step_inputs import StepResult
+from padengine.executor.step import StepResult
+
+
+class Uploader:
+    """Host arrays to device tensors, one copy each; on CUDA through a pinned buffer per dtype, reused:
+    before refilling one, the host waits for the event recorded after its last copy (a step that
+    samples nothing ends without reading results, so nothing else guarantees that copy is done)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.staging: dict[torch.dtype, torch.Tensor] = {}
+        self.copied: dict[torch.dtype, torch.cuda.Event] = {}
+
+    def __call__(self, values: np.ndarray, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.device.type == "cpu":
+            if out is not None and out.data_ptr() == values.ctypes.data:
+                return out          # out is values' own memory (a persistent step's arrays)
+            host = torch.from_numpy(values)
+            return host if out is None else out.copy_(host)
+        host = torch.from_numpy(values)
+        if dtype in self.copied:
+            self.copied[dtype].synchronize()
+        staging = self.staging.get(dtype)
+        if staging is None or staging.numel() < host.numel():
+            staging = self.staging[dtype] = torch.empty(max(host.numel(), 4096) * 2, dtype=dtype, pin_memory=True)
+        staging[:host.numel()].copy_(host)
+        out = torch.empty(host.numel(), dtype=dtype, device=self.device) if out is None else out
+        out.copy_(staging[:host.numel()], non_blocking=True)
+        self.copied.setdefault(dtype, torch.cuda.Event()).record()
+        return out
 
 
 class StepTokens(NamedTuple):

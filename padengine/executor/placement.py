@@ -15,6 +15,9 @@ reward model shares the base's ranks unless `reward_device` gives it one of its 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from padengine.distributed.parallel import Shard
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,16 @@ def place(base_model: str, reward_model: str | None, shared: bool, device: torch
 def _rank_device(device: torch.device, rank: int) -> torch.device:
     """Tensor-parallel rank r of a model on cuda:i runs on cuda:i+r; on the CPU every rank is a process."""
     return torch.device("cuda", device.index + rank) if device.type == "cuda" else device
+
+
+def rank_shards(placement: Placement, rank: int, base_vocab: int) -> list[Shard | None]:
+    """Per model, this rank's shard (None: the rank holds none of it). Every rank calls this in the same
+    order: it creates the process group of each set of ranks a model is split over."""
+    groups = {}
+    for m in placement.models:
+        if len(m.ranks) > 1 and m.ranks not in groups:
+            whole = len(m.ranks) == placement.world_size
+            groups[m.ranks] = dist.group.WORLD if whole else dist.new_group(list(m.ranks))
+    return [None if rank not in m.ranks else Shard() if len(m.ranks) == 1 else
+            Shard(m.ranks.index(rank), len(m.ranks), groups[m.ranks], -(-base_vocab // len(m.ranks)))
+            for m in placement.models]

@@ -2,11 +2,12 @@
 per row, or the reward streams, in row order. A group keeps every stream's position, block table, owner
 row, index among its request's streams and weight, and advances them in place from step to step; where
 its arrays are a laid-out step's own fields (`bind`), the step's slots and context lengths follow too.
-`DecodeBatch` (engine/decode_batch.py) holds two groups and decides when they regroup or advance.
+`DecodeBatch` (executor/decode_batch.py) holds two groups and decides when they regroup or advance.
 """
 import numpy as np
 
 from padengine.engine.sequence import PENDING, Request
+from padengine.executor.step import Forward
 
 
 class Streams:
@@ -63,7 +64,7 @@ class Streams:
             self.pos += 1
             if self.view:
                 self.view["context_lens"] += 1
-                self.view["slots"] += 1
+                self.view["slot_mapping"] += 1
         self.countdown -= 1
         if self.countdown > 0:
             return True
@@ -78,7 +79,7 @@ class Streams:
         for j, b, o, k in zip(grow.tolist(), blocks.tolist(), self.owner[grow].tolist(), self.index[grow].tolist()):
             self.tables[j, b] = decode[o].streams[k].block_table[b]
         if self.view:
-            self.view["slots"][grow] = self.tables[grow, blocks] * block_size
+            self.view["slot_mapping"][grow] = self.tables[grow, blocks] * block_size
         return fits
 
     def widen(self, width: int) -> None:
@@ -88,18 +89,19 @@ class Streams:
             grown[:, :self.tables.shape[1]] = self.tables
             self.tables = grown
 
-    def bind(self, views: dict[str, np.ndarray], start: int) -> None:
-        """Make the arrays the laid-out step's own fields (its streams from `start` in each), so that the
+    def bind(self, fwd: Forward, start: int) -> None:
+        """Make the arrays the laid-out step's own columns (its streams from `start` in each), so that the
         next steps advance them in place."""
         end = start + len(self.pos)
-        self.view = {k: views[k][start:end] for k in ("ids", "feed", "slots", "context_lens") if k in views}
-        self.pos = views["positions"][start:end]
-        self.tables = views["tables"][start:end]
+        self.view = {k: getattr(fwd, k)[start:end] for k in ("input_ids", "feed", "slot_mapping", "context_lens")
+                     if getattr(fwd, k) is not None}
+        self.pos = fwd.positions[start:end]
+        self.tables = fwd.block_tables[start:end]
 
     def refresh(self, last: np.ndarray) -> None:
         """This step's token ids (and their feed rows: the same order as the last step's) in place."""
         if len(self.pos):
-            ids = self.view["ids"]
+            ids = self.view["input_ids"]
             ids[:] = last[self.owner]
             if "feed" in self.view:
                 self.view["feed"][:] = np.where(ids == PENDING, self.owner, -1)
@@ -115,9 +117,9 @@ class Streams:
         blocks = self.pos // block_size
         slots = self.tables[np.arange(len(self.pos)), blocks] * block_size + self.pos % block_size
         zeros = np.zeros(pad, np.int64)
-        return dict(ids=np.concatenate([ids, zeros]),
+        return dict(input_ids=np.concatenate([ids, zeros]),
                     feed=np.concatenate([np.where(ids == PENDING, rows, -1), zeros - 1]),
                     positions=np.concatenate([self.pos, zeros]),
-                    slots=np.concatenate([slots, zeros + self.sink * block_size]),
+                    slot_mapping=np.concatenate([slots, zeros + self.sink * block_size]),
                     context_lens=np.concatenate([self.pos + 1, zeros + 1]),
                     num_blocks=np.concatenate([blocks + 1, zeros + 1]))
