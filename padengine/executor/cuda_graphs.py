@@ -131,10 +131,8 @@ class DecodeGraphs:
         """Warm up, record and replay the step: its results, in the graph's static outputs."""
         # buffers of the graph's own (a CPU upload may share the host arrays, which the persistent batch
         # changes in place: a replay must see only what is refilled)
-        ints = self.upload(step.fields.ints, torch.long,
-                           out=torch.empty(len(step.fields.ints), dtype=torch.long, device=self.device))
-        floats = self.upload(step.fields.floats, torch.float32,
-                             out=torch.empty(len(step.fields.floats), dtype=torch.float32, device=self.device))
+        ints, floats = (self.upload(v, dtype, out=torch.empty(len(v), dtype=dtype, device=self.device))
+                        for v, dtype in ((step.fields.ints, torch.long), (step.fields.floats, torch.float32)))
         inputs = step.inputs(ints, floats, self.windows, static=True)
         previous = None if self.fed is None else self.fed.clone()
         self.compute(inputs)       # warm-up: compiles the Triton kernels

@@ -21,11 +21,12 @@ import numpy as np
 
 from padengine.engine.sequence import Request
 from padengine.executor.decode_streams import Streams
-from padengine.executor.placement import Placement
 from padengine.executor.fields import ModelLayout, StepLayout, pack
+from padengine.executor.placement import Placement
 from padengine.executor.step import ROW_SHAPE, Forward, Rewards, Rows, columns, step_settings
 
 ROW_COLUMNS = columns(Rows)
+ADVANCING_ROWS = [name for name, col in ROW_COLUMNS if col.advances]
 
 
 class DecodeBatch:
@@ -68,9 +69,8 @@ class DecodeBatch:
         if moved:
             self.span += 1          # every advancing column, in one add
         else:
-            for name, col in ROW_COLUMNS:
-                if col.advances:
-                    self.rows[name] += 1
+            for name in ADVANCING_ROWS:
+                self.rows[name] += 1
         level = [g.advance(decode, self.block_size, moved) for g in (self.base, self.reward)]
         if self.step is None or not all(level) or self.layout_shape != (pad_to, width):
             self.step, self.layout_shape = self._layout(decode, pad_to, width), (pad_to, width)
@@ -145,7 +145,7 @@ class DecodeBatch:
             rewards = Rewards(np.concatenate([self.reward.owner, np.full(extra, rows, np.int64)]),
                               np.concatenate([self.reward.weight, np.zeros(extra, np.float32)]))
         fields, span = pack(forwards, sampler, rewards, None)
-        fields.pack()
+        fields.join()
         views = fields.arrays()
         for m, members in enumerate(per_model):
             start = 0
@@ -153,9 +153,8 @@ class DecodeBatch:
                 if forwards[m] is not None:
                     (self.base, self.reward)[g].bind(views[("forward", m)], start)
                 start += len(groups[g]["input_ids"])
-        for name, col in ROW_COLUMNS:
-            if col.advances:        # advanced in place from now on
-                self.rows[name] = getattr(views[("rows", None)], name)[:n]
+        for name in ADVANCING_ROWS:        # advanced in place from now on
+            self.rows[name] = getattr(views[("rows", None)], name)[:n]
         # without padding streams (whose values stay) one add moves every advancing column
         self.span = fields.ints[span[0]:span[1]] if pad == 0 and num_rewards == len(self.reward.pos) else None
         self.lens = [None if a is None else views[("forward", m)].context_lens for m, a in enumerate(forwards)]

@@ -46,7 +46,7 @@ class Fields:
     def floats(self) -> np.ndarray:
         return _join(self.parts[1], np.float32)
 
-    def pack(self) -> None:
+    def join(self) -> None:
         """Join the parts into the two arrays once, for columns that are then changed in place."""
         self.parts = ([self.ints], [self.floats])
 
